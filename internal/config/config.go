@@ -1,0 +1,284 @@
+// Package config holds the daemon's configuration: NVIDIA k8s-device-plugin's
+// `version: v1` file format, accepted unchanged, plus the daemon's own
+// settings, and the rules that merge flags, environment and file
+// (flag > environment > file > default).
+package config
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"sigs.k8s.io/yaml"
+)
+
+// Version is the only config file version.
+const Version = "v1"
+
+// Config is the effective configuration. File-backed fields are pointers so
+// "unset" differs from "false" while the sources are merged; after Resolve
+// every flag-backed pointer is set.
+type Config struct {
+	Version   string     `json:"version"`
+	Flags     Flags      `json:"flags"`
+	Resources *Resources `json:"resources,omitempty"`
+	Sharing   Sharing    `json:"sharing,omitempty"`
+	IMEX      IMEX       `json:"imex,omitempty"`
+
+	// Daemon holds settings that exist only on the command line and in the
+	// environment (not in NVIDIA's file format).
+	Daemon Daemon `json:"-"`
+}
+
+// Flags is the file's `flags` section.
+type Flags struct {
+	MigStrategy             *string      `json:"migStrategy,omitempty"`
+	FailOnInitError         *bool        `json:"failOnInitError,omitempty"`
+	NvidiaDriverRoot        *string      `json:"nvidiaDriverRoot,omitempty"`
+	NvidiaDevRoot           *string      `json:"nvidiaDevRoot,omitempty"`
+	MpsRoot                 *string      `json:"mpsRoot,omitempty"`
+	GDRCopyEnabled          *bool        `json:"gdrcopyEnabled,omitempty"`
+	GDSEnabled              *bool        `json:"gdsEnabled,omitempty"`
+	MOFEDEnabled            *bool        `json:"mofedEnabled,omitempty"`
+	UseNodeFeatureAPI       *bool        `json:"useNodeFeatureAPI,omitempty"`
+	DeviceDiscoveryStrategy *string      `json:"deviceDiscoveryStrategy,omitempty"`
+	Plugin                  *PluginFlags `json:"plugin,omitempty"`
+	GFD                     *GFDFlags    `json:"gfd,omitempty"`
+}
+
+// PluginFlags is `flags.plugin`.
+type PluginFlags struct {
+	PassDeviceSpecs               *bool          `json:"passDeviceSpecs,omitempty"`
+	DeviceListStrategy            *StringOrSlice `json:"deviceListStrategy,omitempty"`
+	DeviceIDStrategy              *string        `json:"deviceIDStrategy,omitempty"`
+	CDIAnnotationPrefix           *string        `json:"cdiAnnotationPrefix,omitempty"`
+	NvidiaCTKPath                 *string        `json:"nvidiaCTKPath,omitempty"`
+	ContainerDriverRoot           *string        `json:"containerDriverRoot,omitempty"`
+	SharedDevicesAllocationPolicy *string        `json:"sharedDevicesAllocationPolicy,omitempty"`
+}
+
+// GFDFlags is `flags.gfd`, read by NVIDIA's feature discovery only. It is
+// accepted so existing files parse.
+type GFDFlags struct {
+	Oneshot         *bool   `json:"oneshot,omitempty"`
+	NoTimestamp     *bool   `json:"noTimestamp,omitempty"`
+	SleepInterval   *string `json:"sleepInterval,omitempty"`
+	OutputFile      *string `json:"outputFile,omitempty"`
+	MachineTypeFile *string `json:"machineTypeFile,omitempty"`
+}
+
+// Resources is the `resources` section: resource names by device pattern.
+type Resources struct {
+	GPUs []Resource `json:"gpus,omitempty"`
+	MIGs []Resource `json:"mig,omitempty"`
+}
+
+// Resource maps devices whose product name matches Pattern to Name.
+type Resource struct {
+	Pattern string `json:"pattern"`
+	Name    string `json:"name"`
+}
+
+// Sharing is the `sharing` section.
+type Sharing struct {
+	TimeSlicing *ReplicatedResources `json:"timeSlicing,omitempty"`
+	MPS         *ReplicatedResources `json:"mps,omitempty"`
+}
+
+// ReplicatedResources configures time-slicing or MPS.
+type ReplicatedResources struct {
+	RenameByDefault            bool                 `json:"renameByDefault,omitempty"`
+	FailRequestsGreaterThanOne *bool                `json:"failRequestsGreaterThanOne,omitempty"`
+	Resources                  []ReplicatedResource `json:"resources,omitempty"`
+}
+
+// ReplicatedResource is one shared resource.
+type ReplicatedResource struct {
+	Name     string          `json:"name"`
+	Rename   string          `json:"rename,omitempty"`
+	Devices  json.RawMessage `json:"devices,omitempty"` // "all", a count, or a list of indices/UUIDs
+	Replicas int             `json:"replicas"`
+}
+
+// IMEX is the `imex` section.
+type IMEX struct {
+	ChannelIDs []int `json:"channelIDs,omitempty"`
+	Required   bool  `json:"required,omitempty"`
+}
+
+// StringOrSlice accepts a YAML string or a list of strings.
+type StringOrSlice []string
+
+// UnmarshalJSON accepts "a" or ["a", "b"].
+func (s *StringOrSlice) UnmarshalJSON(b []byte) error {
+	var one string
+	if err := json.Unmarshal(b, &one); err == nil {
+		*s = splitList(one)
+		return nil
+	}
+	var many []string
+	if err := json.Unmarshal(b, &many); err != nil {
+		return fmt.Errorf("want a string or a list of strings")
+	}
+	*s = many
+	return nil
+}
+
+// Daemon holds the daemon's own settings.
+type Daemon struct {
+	ConfigFile       string        `json:"configFile"`
+	Simulate         string        `json:"simulate"`
+	KubeletSocketDir string        `json:"kubeletSocketDir"`
+	NodeName         string        `json:"nodeName"`
+	MetricsAddress   string        `json:"metricsAddress"`
+	LogFormat        string        `json:"logFormat"`
+	Verbosity        int           `json:"verbosity"`
+	SysRoot          string        `json:"sysRoot"`
+	CDISpecDir       string        `json:"cdiSpecDir"`
+	WebConfigFile    string        `json:"webConfigFile"`
+	RescanInterval   time.Duration `json:"rescanInterval"`
+}
+
+// Device list strategies.
+const (
+	ListEnvvar         = "envvar"
+	ListVolumeMounts   = "volume-mounts"
+	ListCDIAnnotations = "cdi-annotations"
+	ListCDICRI         = "cdi-cri"
+)
+
+// MIG strategies.
+const (
+	MigNone   = "none"
+	MigSingle = "single"
+	MigMixed  = "mixed"
+)
+
+// Device ID strategies.
+const (
+	IDUUID  = "uuid"
+	IDIndex = "index"
+)
+
+// ReadFile parses a config file (YAML or JSON). Unknown fields are errors
+// that name their path.
+func ReadFile(path string) (*Config, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading config file: %w", err)
+	}
+	c, err := Parse(raw)
+	if err != nil {
+		return nil, fmt.Errorf("config file %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Parse decodes a config document.
+func Parse(raw []byte) (*Config, error) {
+	if len(bytes.TrimSpace(raw)) == 0 {
+		return &Config{Version: Version}, nil
+	}
+	js, err := yaml.YAMLToJSON(raw)
+	if err != nil {
+		return nil, fmt.Errorf("not valid YAML or JSON: %w", err)
+	}
+	var c Config
+	dec := json.NewDecoder(bytes.NewReader(js))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		return nil, explainDecodeError(err)
+	}
+	switch c.Version {
+	case "":
+		c.Version = Version
+	case Version:
+	default:
+		return nil, fmt.Errorf("version: %q is not supported (want %q)", c.Version, Version)
+	}
+	return &c, nil
+}
+
+// explainDecodeError turns encoding/json's messages into ones that name the
+// field's path.
+func explainDecodeError(err error) error {
+	msg := err.Error()
+	if f, ok := strings.CutPrefix(msg, "json: unknown field "); ok {
+		return fmt.Errorf("unknown field %s: remove it or check its spelling (see the configuration reference in README.md)", f)
+	}
+	var te *json.UnmarshalTypeError
+	if errors.As(err, &te) {
+		return fmt.Errorf("%s: wrong type: got a %s, want %s", te.Field, te.Value, te.Type)
+	}
+	return err
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// Accessors for resolved values; Resolve guarantees the pointers are set.
+
+// MigStrategy is the resolved MIG strategy.
+func (c *Config) MigStrategy() string { return Deref(c.Flags.MigStrategy) }
+
+// FailOnInitError is the resolved failOnInitError.
+func (c *Config) FailOnInitError() bool {
+	return c.Flags.FailOnInitError != nil && *c.Flags.FailOnInitError
+}
+
+// DriverRoot is the host driver root.
+func (c *Config) DriverRoot() string { return Deref(c.Flags.NvidiaDriverRoot) }
+
+// DevRoot is the host root of /dev (defaults to the driver root).
+func (c *Config) DevRoot() string {
+	if r := Deref(c.Flags.NvidiaDevRoot); r != "" {
+		return r
+	}
+	return c.DriverRoot()
+}
+
+// Plugin returns the plugin flags, never nil.
+func (c *Config) Plugin() *PluginFlags {
+	if c.Flags.Plugin == nil {
+		c.Flags.Plugin = &PluginFlags{}
+	}
+	return c.Flags.Plugin
+}
+
+// DeviceListStrategies is the resolved device list strategy set.
+func (c *Config) DeviceListStrategies() []string {
+	if p := c.Plugin().DeviceListStrategy; p != nil {
+		return *p
+	}
+	return nil
+}
+
+// DeviceIDStrategy is uuid or index.
+func (c *Config) DeviceIDStrategy() string { return Deref(c.Plugin().DeviceIDStrategy) }
+
+// PassDeviceSpecs is the resolved passDeviceSpecs.
+func (c *Config) PassDeviceSpecs() bool { return derefBool(c.Plugin().PassDeviceSpecs) }
+
+// CDIAnnotationPrefix is the resolved CDI annotation prefix.
+func (c *Config) CDIAnnotationPrefix() string { return Deref(c.Plugin().CDIAnnotationPrefix) }
+
+// Deref reads an optional string; nil is "".
+func Deref(p *string) string {
+	if p == nil {
+		return ""
+	}
+	return *p
+}
+
+func derefBool(p *bool) bool { return p != nil && *p }

@@ -1,0 +1,225 @@
+// Package daemon wires the daemon together: NVML (real or simulated), the
+// inventory, the health table, the kubelet plugin servers and the HTTP
+// listener. cmd/gpu-plugin parses flags and calls it; tests run it in
+// process.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	gonvml "github.com/NVIDIA/go-nvml/pkg/nvml"
+
+	"github.com/gpu-plugin/gpu-plugin/internal/config"
+	"github.com/gpu-plugin/gpu-plugin/internal/health"
+	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
+	"github.com/gpu-plugin/gpu-plugin/internal/plugin"
+	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
+	"github.com/gpu-plugin/gpu-plugin/internal/sim"
+)
+
+// Daemon is one running gpu-plugin.
+type Daemon struct {
+	cfg     *config.Config
+	log     *slog.Logger
+	started time.Time
+
+	node    *sim.Node     // the simulated node, nil on a real one
+	lib     *nvml.Library // nil when NVML failed to start
+	initErr error         // why NVML failed, when we stay up anyway
+
+	inv     atomic.Pointer[nvml.Inventory]
+	health  *health.State
+	plugins *plugin.Manager
+	http    *httpServer
+}
+
+// New opens NVML (or the simulated node), scans the inventory and builds
+// the components. With failOnInitError=false an NVML failure is not an
+// error: the daemon then serves /healthz, reports why on /readyz, and
+// registers nothing.
+func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
+	d := &Daemon{cfg: cfg, log: log, started: time.Now(), health: health.NewState(log.With("component", "health"), nil)}
+	iface, err := d.openInterface()
+	if err != nil {
+		return nil, err
+	}
+	if iface != nil {
+		d.lib, err = nvml.Open(iface)
+	}
+	if err != nil {
+		if cfg.FailOnInitError() {
+			return nil, fmt.Errorf("%w (to keep the daemon up without GPUs instead, set --fail-on-init-error=false)", err)
+		}
+		d.initErr = err
+		log.Error("NVML unavailable: staying up without registering any resource (failOnInitError=false)", "err", err)
+	}
+	if d.lib != nil {
+		if err := d.rescan(); err != nil {
+			d.lib.Close()
+			return nil, err
+		}
+	}
+	d.plugins = plugin.NewManager(plugin.Options{
+		SocketDir: cfg.Daemon.KubeletSocketDir,
+		Health:    d.health,
+		Respond:   plugin.ResponseOptionsFrom(cfg),
+		Logger:    log.With("component", "plugin"),
+	})
+	return d, nil
+}
+
+// openInterface returns the simulated NVML, or the real library found under
+// the driver root.
+func (d *Daemon) openInterface() (gonvml.Interface, error) {
+	if name := d.cfg.Daemon.Simulate; name != "" {
+		p, err := sim.LoadProfile(name)
+		if err != nil {
+			return nil, err
+		}
+		d.node = sim.NewNode(p, nil)
+		d.log.Info("running on a simulated node", "profile", p.Name, "gpus", d.node.GPUCount())
+		return d.node.NVML(), nil
+	}
+	if s := config.Deref(d.cfg.Flags.DeviceDiscoveryStrategy); s == "tegra" {
+		return nil, errors.New("device-discovery-strategy tegra is not supported: use auto or nvml")
+	}
+	path := nvmlLibraryPath(d.cfg)
+	d.log.Debug("loading NVML", "library", path)
+	return gonvml.New(gonvml.WithLibraryPath(path)), nil
+}
+
+// nvmlLibraryPath finds libnvidia-ml.so.1 under the driver root as mounted
+// in this container; with the host's own root ("/") the dynamic linker's
+// search (LD_LIBRARY_PATH, ld.so.cache) decides.
+func nvmlLibraryPath(cfg *config.Config) string {
+	const lib = "libnvidia-ml.so.1"
+	if cfg.DriverRoot() == "/" || cfg.DriverRoot() == "" {
+		return lib
+	}
+	root := config.Deref(cfg.Plugin().ContainerDriverRoot)
+	for _, dir := range []string{"usr/lib64", "usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "lib64", "usr/lib", "lib"} {
+		p := filepath.Join(root, dir, lib)
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	return lib
+}
+
+// rescan rebuilds the inventory and reports GPUs that could not be
+// identified.
+func (d *Daemon) rescan() error {
+	inv, err := nvml.Scan(d.lib, nvml.ScanOptions{SysRoot: d.sysRoot(), Logger: d.log.With("component", "inventory")})
+	if err != nil {
+		return fmt.Errorf("scanning GPUs: %w", err)
+	}
+	d.inv.Store(inv)
+	for _, g := range inv.GPUs {
+		if g.Lost && g.Usable() {
+			d.health.SetUnhealthy(g.UUID, "lost: the GPU fell off the bus (GPU_IS_LOST during discovery)")
+		}
+	}
+	d.log.Info("inventory", "gpus", len(inv.GPUs), "driver", inv.DriverVersion, "cuda", inv.CUDADriverVersion)
+	return nil
+}
+
+func (d *Daemon) sysRoot() string {
+	if d.node != nil {
+		return "" // a simulated node has no sysfs
+	}
+	return d.cfg.Daemon.SysRoot
+}
+
+// Inventory returns the current inventory (nil without NVML).
+func (d *Daemon) Inventory() *nvml.Inventory { return d.inv.Load() }
+
+// Health is the node's health table.
+func (d *Daemon) Health() *health.State { return d.health }
+
+// Plugins is the kubelet side.
+func (d *Daemon) Plugins() *plugin.Manager { return d.plugins }
+
+// SimNode is the simulated node, or nil.
+func (d *Daemon) SimNode() *sim.Node { return d.node }
+
+// Addr is the metrics listener's address once Run has bound it.
+func (d *Daemon) Addr() string {
+	if d.http == nil {
+		return ""
+	}
+	return d.http.addr()
+}
+
+func (d *Daemon) resources() ([]*sharing.Resource, error) {
+	inv := d.inv.Load()
+	if inv == nil {
+		return nil, nil
+	}
+	return sharing.Build(inv, sharing.Options{MigStrategy: d.cfg.MigStrategy()})
+}
+
+// Run serves until ctx ends. Bind errors return at once; a component
+// failing later cancels the rest and is returned.
+func (d *Daemon) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+
+	resources, err := d.resources()
+	if err != nil {
+		return err
+	}
+	if d.cfg.Daemon.MetricsAddress != "" {
+		d.http, err = d.newHTTPServer()
+		if err != nil {
+			return err
+		}
+	}
+
+	var wg sync.WaitGroup
+	run := func(name string, f func(context.Context) error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := f(ctx); err != nil && !errors.Is(err, context.Canceled) {
+				cancel(fmt.Errorf("%s: %w", name, err))
+			}
+		}()
+	}
+	if d.http != nil {
+		run("metrics listener", d.http.run)
+	}
+	if d.lib != nil {
+		run("kubelet plugins", func(ctx context.Context) error { return d.plugins.Run(ctx, resources) })
+	}
+	d.log.Info("gpu-plugin running", "resources", resourceNames(resources), "metrics", d.Addr(), "startup", time.Since(d.started).Round(time.Millisecond))
+	<-ctx.Done()
+	wg.Wait()
+	if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) {
+		return cause
+	}
+	return nil
+}
+
+// Close releases NVML. Call it after Run returns.
+func (d *Daemon) Close() error {
+	if d.lib != nil {
+		return d.lib.Close()
+	}
+	return nil
+}
+
+func resourceNames(rs []*sharing.Resource) []string {
+	out := make([]string, len(rs))
+	for i, r := range rs {
+		out[i] = fmt.Sprintf("%s=%d", r.Name, len(r.Devices))
+	}
+	return out
+}

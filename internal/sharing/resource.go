@@ -1,0 +1,136 @@
+// Package sharing turns the inventory and the configuration into the
+// resources the node advertises: whole GPUs, MIG devices by strategy, and
+// time-sliced replicas, with the device IDs the kubelet sees.
+package sharing
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
+)
+
+// DefaultResourceName is what whole GPUs are advertised as.
+const DefaultResourceName = "nvidia.com/gpu"
+
+// ReplicaSeparator joins a physical ID and a replica number: "<id>::<n>".
+// Third parties (dcgm-exporter) strip it to find the physical device, so the
+// format is fixed.
+const ReplicaSeparator = "::"
+
+// Device is one schedulable unit advertised to the kubelet.
+type Device struct {
+	// ID is what the kubelet sees: "GPU-…", "MIG-…", or "<physical>::<n>".
+	ID string
+	// Physical is the GPU or MIG UUID behind ID.
+	Physical string
+	GPUIndex int
+	GPUUUID  string
+	// MIG is set for a MIG device (or a replica of one).
+	MIG *nvml.MIGDevice
+	// Replica is the replica number, or -1 for an unshared device.
+	Replica  int
+	NUMANode int // -1 when unknown
+	Minor    int // the parent GPU's /dev/nvidia<minor>
+}
+
+// IndexID is the device's name under the index ID strategy: the GPU's NVML
+// index, or "<gpu>:<mig>" for a MIG device.
+func (d *Device) IndexID() string {
+	if d.MIG != nil {
+		return fmt.Sprintf("%d:%d", d.GPUIndex, d.MIG.Index)
+	}
+	return strconv.Itoa(d.GPUIndex)
+}
+
+// HealthUnits are the health table keys whose health this device shares:
+// its GPU, and its MIG device if it is one.
+func (d *Device) HealthUnits() []string {
+	if d.MIG != nil {
+		return []string{d.GPUUUID, d.MIG.UUID}
+	}
+	return []string{d.GPUUUID}
+}
+
+// Resource is one extended resource and its devices.
+type Resource struct {
+	Name    string // e.g. "nvidia.com/gpu"
+	Devices []Device
+	// Replicas is the time-slicing replica count per physical device; 0 when
+	// the resource is not shared.
+	Replicas int
+	// FailRequestsGreaterThanOne rejects requests for more than one replica.
+	FailRequestsGreaterThanOne bool
+
+	byID map[string]int
+}
+
+// NewResource indexes devices for lookup.
+func NewResource(name string, devices []Device) *Resource {
+	r := &Resource{Name: name, Devices: devices, byID: make(map[string]int, len(devices))}
+	for i, d := range devices {
+		r.byID[d.ID] = i
+	}
+	return r
+}
+
+// Lookup finds a device by the ID the kubelet uses.
+func (r *Resource) Lookup(id string) (*Device, bool) {
+	i, ok := r.byID[id]
+	if !ok {
+		return nil, false
+	}
+	return &r.Devices[i], true
+}
+
+// Shared reports whether the resource hands out replicas.
+func (r *Resource) Shared() bool { return r.Replicas > 1 }
+
+// SocketName is the resource's plugin socket file name, as NVIDIA's plugin
+// names it: "nvidia-gpu.sock", "nvidia-mig-1g.10gb.sock"; names outside
+// nvidia.com keep their domain: "example.com-gpu.sock".
+func SocketName(resource string) string {
+	if rest, ok := strings.CutPrefix(resource, "nvidia.com/"); ok {
+		return "nvidia-" + rest + ".sock"
+	}
+	return strings.ReplaceAll(resource, "/", "-") + ".sock"
+}
+
+// SplitReplicaID splits "<physical>::<n>"; replica is -1 for a plain ID.
+func SplitReplicaID(id string) (physical string, replica int, err error) {
+	base, num, found := strings.Cut(id, ReplicaSeparator)
+	if !found {
+		return id, -1, nil
+	}
+	n, err := strconv.Atoi(num)
+	if err != nil || n < 0 || base == "" {
+		return "", 0, fmt.Errorf("bad replica device ID %q: want <id>::<n> with n ≥ 0", id)
+	}
+	return base, n, nil
+}
+
+// Options are the parts of the configuration that shape resources.
+type Options struct {
+	MigStrategy string // none, single or mixed
+}
+
+// Build derives the node's resources from the inventory. GPUs that could
+// not be identified are left out (the health table reports them).
+func Build(inv *nvml.Inventory, opts Options) ([]*Resource, error) {
+	var devices []Device
+	for i := range inv.GPUs {
+		g := &inv.GPUs[i]
+		if !g.Usable() {
+			continue
+		}
+		devices = append(devices, Device{
+			ID: g.UUID, Physical: g.UUID, GPUIndex: g.Index, GPUUUID: g.UUID,
+			Replica: -1, NUMANode: g.NUMANode, Minor: g.Minor,
+		})
+	}
+	if len(devices) == 0 {
+		return nil, nil
+	}
+	return []*Resource{NewResource(DefaultResourceName, devices)}, nil
+}
