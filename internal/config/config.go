@@ -132,6 +132,7 @@ func (s *StringOrSlice) UnmarshalJSON(b []byte) error {
 type Daemon struct {
 	ConfigFile       string        `json:"configFile"`
 	Simulate         string        `json:"simulate"`
+	NVMLLibrary      string        `json:"nvmlLibrary"`
 	KubeletSocketDir string        `json:"kubeletSocketDir"`
 	NodeName         string        `json:"nodeName"`
 	MetricsAddress   string        `json:"metricsAddress"`

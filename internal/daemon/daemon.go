@@ -67,6 +67,13 @@ func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 			return nil, err
 		}
 	}
+	if cfg.Daemon.MetricsAddress != "" {
+		// Bind now, so a taken port fails the start at once.
+		if d.http, err = d.newHTTPServer(); err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
 	d.plugins = plugin.NewManager(plugin.Options{
 		SocketDir: cfg.Daemon.KubeletSocketDir,
 		Health:    d.health,
@@ -101,6 +108,9 @@ func (d *Daemon) openInterface() (gonvml.Interface, error) {
 // search (LD_LIBRARY_PATH, ld.so.cache) decides.
 func nvmlLibraryPath(cfg *config.Config) string {
 	const lib = "libnvidia-ml.so.1"
+	if cfg.Daemon.NVMLLibrary != "" {
+		return cfg.Daemon.NVMLLibrary
+	}
 	if cfg.DriverRoot() == "/" || cfg.DriverRoot() == "" {
 		return lib
 	}
@@ -176,12 +186,6 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if d.cfg.Daemon.MetricsAddress != "" {
-		d.http, err = d.newHTTPServer()
-		if err != nil {
-			return err
-		}
-	}
 
 	var wg sync.WaitGroup
 	run := func(name string, f func(context.Context) error) {
@@ -208,8 +212,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 	return nil
 }
 
-// Close releases NVML. Call it after Run returns.
+// Close releases the listener and NVML. Call it after Run returns, or
+// instead of Run.
 func (d *Daemon) Close() error {
+	if d.http != nil {
+		d.http.lis.Close()
+	}
 	if d.lib != nil {
 		return d.lib.Close()
 	}

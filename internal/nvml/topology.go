@@ -36,6 +36,17 @@ func (r PCIeRelation) String() string { return pcieWords[r] }
 // MarshalText writes the nvidia-smi word.
 func (r PCIeRelation) MarshalText() ([]byte, error) { return []byte(r.String()), nil }
 
+// UnmarshalText reads the nvidia-smi word back ("?" is unknown).
+func (r *PCIeRelation) UnmarshalText(b []byte) error {
+	if string(b) == "?" {
+		*r = PCIeUnknown
+		return nil
+	}
+	v, err := ParsePCIeRelation(string(b))
+	*r = v
+	return err
+}
+
 // ParsePCIeRelation reads an nvidia-smi word: X, PIX, PXB, PHB, NODE or SYS.
 func ParsePCIeRelation(word string) (PCIeRelation, error) {
 	switch strings.ToUpper(word) {

@@ -106,6 +106,7 @@ func NewNode(p *Profile, now func() time.Time) *Node {
 	t0 := now()
 	for _, g := range n.spec.gpus {
 		n.state = append(n.state, gpuState{
+			lost: g.lost,
 			tel: Telemetry{
 				TemperatureC: 31, PowerW: g.model.idlePowerW, SMClockMHz: g.model.smClockMHz,
 				FBUsedMiB: 0,

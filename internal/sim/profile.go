@@ -59,6 +59,9 @@ type ProfileGPU struct {
 	// profile name, e.g. [3g.40gb, 1g.10gb, 1g.10gb].
 	MIGEnabled bool     `yaml:"migEnabled"`
 	MIGDevices []string `yaml:"migDevices"`
+	// Lost starts the GPU fallen off the bus (as after XID 79), to test
+	// discovery with a dead GPU; POST /sim/gpus/{index}/recover revives it.
+	Lost bool `yaml:"lost"`
 }
 
 // node is a profile expanded into what the simulated NVML serves.
@@ -81,6 +84,7 @@ type simGPU struct {
 	busID      string
 	migEnabled bool
 	migs       []*simMIG
+	lost       bool // at start
 }
 
 type simMIG struct {
@@ -228,7 +232,7 @@ func (p *Profile) expand(file string, lines map[string]int) (*node, error) {
 			idx := len(n.gpus)
 			gpu := &simGPU{
 				index: idx, model: m, name: m.config.Name, memoryMiB: m.config.MemoryMB,
-				numa: -1, uuid: g.UUID, busID: g.PCIBusID, migEnabled: g.MIGEnabled,
+				numa: -1, uuid: g.UUID, busID: g.PCIBusID, migEnabled: g.MIGEnabled, lost: g.Lost,
 			}
 			if g.Name != "" {
 				gpu.name = g.Name
@@ -307,14 +311,17 @@ type matrixRow struct {
 
 // readMatrix picks the GPU rows out of pasted `nvidia-smi topo -m` text: a
 // row is a line whose first word (after an optional GPU<k> label) is a cell
-// word. Header, NIC rows and legend lines never start that way.
+// word. Header and NIC rows never start that way; the legend ends the matrix.
 func readMatrix(field, text string, firstLine, n int, isCell func(string) bool) ([]matrixRow, error) {
 	var rows []matrixRow
 	for k, line := range strings.Split(text, "\n") {
 		words := strings.Fields(line)
 		lineNo := firstLine + k
-		if len(words) == 0 {
-			continue
+		if len(words) == 0 || (len(words) > 1 && words[1] == "=") {
+			continue // blank, or a legend entry such as "X = Self"
+		}
+		if strings.HasPrefix(words[0], "Legend") {
+			break
 		}
 		label := -1
 		if m := gpuLabel.FindStringSubmatch(words[0]); m != nil && len(words) > 1 && isCell(words[1]) {
@@ -330,6 +337,10 @@ func readMatrix(field, text string, firstLine, n int, isCell func(string) bool) 
 		cells := 0
 		for cells < len(words) && isCell(words[cells]) {
 			cells++
+		}
+		if cells < n && cells < len(words) {
+			return nil, fmt.Errorf("%s: line %d: GPU%d's cell %d is %q, which is not X, NV<n>, PIX, PXB, PHB, NODE or SYS",
+				field, lineNo, len(rows), cells, words[cells])
 		}
 		if cells < n {
 			return nil, fmt.Errorf("%s: line %d: GPU%d's row has %d cells, want %d (the matrix must be square: one row and one column per GPU)",
