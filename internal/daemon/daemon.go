@@ -11,12 +11,15 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	gonvml "github.com/NVIDIA/go-nvml/pkg/nvml"
 
+	"github.com/gpu-plugin/gpu-plugin/internal/cdi"
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
@@ -63,6 +66,10 @@ func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 	}
 	if d.lib != nil {
 		if err := d.rescan(); err != nil {
+			d.lib.Close()
+			return nil, err
+		}
+		if err := d.writeCDISpec(); err != nil {
 			d.lib.Close()
 			return nil, err
 		}
@@ -138,6 +145,24 @@ func (d *Daemon) rescan() error {
 		}
 	}
 	d.log.Info("inventory", "gpus", len(inv.GPUs), "driver", inv.DriverVersion, "cuda", inv.CUDADriverVersion)
+	return nil
+}
+
+// writeCDISpec writes the CDI spec when a cdi-* device list strategy
+// names devices by CDI; without it the runtime could not resolve them.
+func (d *Daemon) writeCDISpec() error {
+	if !slices.ContainsFunc(d.cfg.DeviceListStrategies(), func(s string) bool { return strings.HasPrefix(s, "cdi-") }) {
+		return nil
+	}
+	spec, err := cdi.BuildSpec(d.inv.Load(), d.cfg.DevRoot())
+	if err != nil {
+		return err
+	}
+	path, err := cdi.Write(d.cfg.Daemon.CDISpecDir, spec)
+	if err != nil {
+		return err
+	}
+	d.log.Info("CDI spec written", "path", path, "devices", len(spec.Devices))
 	return nil
 }
 

@@ -224,3 +224,26 @@ gpus:
 		t.Errorf("/debug/devices does not report the lost GPU")
 	}
 }
+
+// TestCDISpecWritten: with a CDI strategy the spec the names refer to exists.
+func TestCDISpecWritten(t *testing.T) {
+	specDir := t.TempDir()
+	r := start(t, true, "--simulate=pcie-l4x4", "--device-list-strategy=cdi-cri", "--cdi-spec-dir="+specDir)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := r.kubelet.WaitForAllocatable(ctx, "nvidia.com/gpu", 4, 4); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := os.ReadFile(filepath.Join(specDir, "k8s.device-plugin.nvidia.com-gpu.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	uuid := r.d.Inventory().GPUs[2].UUID
+	resp, err := r.kubelet.Allocate(ctx, "nvidia.com/gpu", uuid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.CdiDevices) != 1 || resp.CdiDevices[0].Name != "k8s.device-plugin.nvidia.com/gpu="+uuid || !strings.Contains(string(raw), `"name":"`+uuid+`"`) {
+		t.Errorf("allocated %v; spec holds the device: %v", resp.CdiDevices, strings.Contains(string(raw), uuid))
+	}
+}
