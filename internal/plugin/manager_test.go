@@ -73,7 +73,13 @@ func shortTempDir(t testing.TB) string {
 
 func startEnv(t testing.TB, profile string, respond plugin.ResponseOptions, startKubelet bool) *env {
 	t.Helper()
-	e := &env{dir: shortTempDir(t), inv: inventory(t, profile), health: health.NewState(nil, nil), done: make(chan error, 1)}
+	return startEnvWith(t, inventory(t, profile), respond, startKubelet, nil)
+}
+
+// startEnvWith serves an inventory with a given preferrer (nil: FirstFit).
+func startEnvWith(t testing.TB, inv *nvml.Inventory, respond plugin.ResponseOptions, startKubelet bool, pref plugin.Preferrer) *env {
+	t.Helper()
+	e := &env{dir: shortTempDir(t), inv: inv, health: health.NewState(nil, nil), done: make(chan error, 1)}
 	if startKubelet {
 		k, err := fakekubelet.Start(e.dir, nil)
 		if err != nil {
@@ -83,7 +89,7 @@ func startEnv(t testing.TB, profile string, respond plugin.ResponseOptions, star
 		t.Cleanup(k.Stop)
 	}
 	e.mgr = plugin.NewManager(plugin.Options{
-		SocketDir: e.dir, Health: e.health, Respond: respond,
+		SocketDir: e.dir, Health: e.health, Respond: respond, Preferrer: pref,
 		PollInterval: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
 		Logger: slog.New(slog.DiscardHandler),
 	})
