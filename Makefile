@@ -9,7 +9,7 @@ export CGO_ENABLED := 1
 LDFLAGS := -X github.com/gpu-plugin/gpu-plugin/internal/version.version=$(VERSION)
 IMAGE ?= gpu-plugin:$(VERSION)
 
-.PHONY: all build test test-unit test-kubelet demo image lint bench
+.PHONY: all build test test-unit test-kubelet test-deploy demo image lint bench manifests
 
 all: build
 
@@ -19,11 +19,26 @@ build: ## the binary, in bin/
 test: ## every test suite: vet, unit tests with -race, real-kubelet conformance
 	./scripts/test.sh
 
+test-kubelet: ## only the real-kubelet conformance suite (tests/kubelet; root; KUBELET_TEST_FLAGS adds go test flags)
+	./scripts/test-kubelet.sh
+
 demo: build ## a simulated dgx-h100 against an in-process stand-in kubelet
 	./bin/gpu-plugin demo
 
-image: ## the container image (needs a Docker engine)
-	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+image: ## the container image (needs a Docker engine; IMAGE=registry/name:tag to name it)
+	docker build --build-arg VERSION=$(VERSION) \
+		--build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+		--build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
+		-t $(IMAGE) .
+
+test-deploy: ## only the install assets' suite (tests/deploy: manifests, chart, alerts, dashboard, Dockerfile, README)
+	./scripts/test-deploy.sh
+
+manifests: ## regenerate deployments/static/*.yaml from the Helm chart
+	cd tests/deploy && $(GO) run ./cmd/gen-static
+
+bench: ## benchmarks (no tests); BENCH=regexp and PKGS=./internal/... narrow them
+	$(GO) test -run '^$$' -bench '$(or $(BENCH),.)' -benchmem $(or $(PKGS),./...)
 
 lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

@@ -7,6 +7,13 @@ export CGO_CFLAGS="${CGO_CFLAGS:--O2 -g -Wno-deprecated-declarations}"
 
 step() { printf '\n== %s\n' "$*"; }
 
+# Debian packages the tests use; CI starts from a fresh machine.
+# promtool (package prometheus): alert checks and the real-Prometheus scrape tests.
+if ! { command -v promtool && command -v prometheus; } >/dev/null && [ "$(id -u)" = 0 ]; then
+	step "installing Debian package prometheus (promtool)"
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
 step "gofmt"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
 if [ -n "$unformatted" ]; then echo "gofmt needed:"; echo "$unformatted"; exit 1; fi
@@ -16,3 +23,12 @@ go vet ./...
 
 step "unit and integration tests (-race)"
 go test -race -count=1 ./...
+
+# A nested module: the root's vet and test skip it. Cold build ~7+ min.
+# It builds ../shared/tools/fakenvml (when present) for the real-NVML tests.
+step "real kubelet device manager conformance and the real NVML path on the fake library (tests/kubelet: vet, tests)"
+./scripts/test-kubelet.sh
+
+# A nested module (Helm, k8s.io/api, the Prometheus parser). Cold ~13 min on 2 busy cores, warm ~30 s.
+step "install assets: manifests, chart, alerts, dashboard, Dockerfile, README (tests/deploy)"
+./scripts/test-deploy.sh

@@ -1,12 +1,17 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
+	"strings"
 
 	"sigs.k8s.io/yaml"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
+	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
+	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
+	"github.com/gpu-plugin/gpu-plugin/internal/sim"
 )
 
 const configUsage = `Usage: gpu-plugin config check FILE [flags]
@@ -14,7 +19,12 @@ const configUsage = `Usage: gpu-plugin config check FILE [flags]
 Validates a config file (NVIDIA's version: v1 format, YAML or JSON) and prints
 the effective configuration after flags, environment and defaults are applied
 (precedence: flag > environment > file > default). Exits non-zero, naming the
-bad field, if the file is invalid.
+bad field and what it accepts, if the file is invalid. Settings that are
+accepted but not applied are listed as warnings on stderr.
+
+With --simulate=PROFILE it also derives the resources that node would
+advertise (MIG strategy, time-slicing, rename, devices), so a config can be
+tried against e.g. dgx-a100-mig without a GPU.
 `
 
 func runConfig(args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -38,10 +48,83 @@ func runConfig(args []string, getenv func(string) string, stdout, stderr io.Writ
 	if len(rest) > 0 {
 		return usageError("config check: unexpected argument %q", rest[0])
 	}
+	for _, w := range cfg.Warnings() {
+		fmt.Fprintf(stderr, "warning: %s\n", w)
+	}
+	var resources string
+	if cfg.Daemon.Simulate != "" {
+		if resources, err = describeResources(cfg, stderr); err != nil {
+			return err
+		}
+	}
 	out, err := yaml.Marshal(cfg)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "# %s is valid; effective configuration:\n%s", args[1], out)
+	// The daemon settings, with the interval readable ("30s").
+	daemonJSON, err := json.Marshal(cfg.Daemon)
+	if err != nil {
+		return err
+	}
+	var daemonDoc map[string]any
+	if err := json.Unmarshal(daemonJSON, &daemonDoc); err != nil {
+		return err
+	}
+	daemonDoc["rescanInterval"] = cfg.Daemon.RescanInterval.String()
+	daemonOut, err := yaml.Marshal(map[string]any{"daemon": daemonDoc})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "# %s is valid; effective configuration (flag > environment > file > default):\n%s", args[1], out)
+	fmt.Fprintf(stdout, "# daemon settings (flags and environment only):\n%s%s", daemonOut, resources)
 	return nil
+}
+
+// describeResources says, as YAML comments, what a simulated node would
+// advertise under cfg.
+func describeResources(cfg *config.Config, stderr io.Writer) (string, error) {
+	p, err := sim.LoadProfile(cfg.Daemon.Simulate)
+	if err != nil {
+		return "", err
+	}
+	lib, err := nvml.Open(sim.NewNode(p, nil).NVML())
+	if err != nil {
+		return "", err
+	}
+	defer lib.Close()
+	inv, err := nvml.Scan(lib, nvml.ScanOptions{})
+	if err != nil {
+		return "", err
+	}
+	plan, err := sharing.NewPlan(inv, sharing.OptionsFrom(cfg))
+	if err != nil {
+		return "", fmt.Errorf("on simulated node %s: %w", p.Name, err)
+	}
+	for _, w := range plan.Warnings {
+		fmt.Fprintf(stderr, "warning: %s\n", w)
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "# resources on simulated node %s:\n", p.Name)
+	for _, r := range plan.Resources {
+		physical := map[string]bool{}
+		for _, d := range r.Devices {
+			physical[d.Physical] = true
+		}
+		var detail []string
+		if r.Shared() {
+			detail = append(detail, fmt.Sprintf("%d devices × %d replicas", len(physical), r.Replicas))
+			if r.FailRequestsGreaterThanOne {
+				detail = append(detail, "at most 1 per container")
+			}
+		}
+		if r.Base != r.Name {
+			detail = append(detail, "renamed from "+r.Base)
+		}
+		line := fmt.Sprintf("#   %s: %d", r.Name, len(r.Devices))
+		if len(detail) > 0 {
+			line += " (" + strings.Join(detail, ", ") + ")"
+		}
+		fmt.Fprintln(&b, line)
+	}
+	return b.String(), nil
 }

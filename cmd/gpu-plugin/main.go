@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"sync"
 	"syscall"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
@@ -66,6 +67,11 @@ func usageError(format string, args ...any) error {
 }
 
 func runDaemon(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	// SIGHUP reloads the config and re-scans the GPUs, as NVIDIA's
+	// config-manager sidecar expects; take it before anything can send it.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	cfg, rest, err := config.Load(name, args, getenv, stdout)
 	if err != nil {
 		if errors.Is(err, config.ErrHelp) {
@@ -85,7 +91,28 @@ func runDaemon(ctx context.Context, args []string, getenv func(string) string, s
 		return err
 	}
 	defer d.Close()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		forwardHangups(ctx, hup, d.Reload)
+	}()
 	return d.Run(ctx)
+}
+
+// forwardHangups turns each SIGHUP into a reload request until ctx ends.
+func forwardHangups(ctx context.Context, hup <-chan os.Signal, reload func()) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+			reload()
+		}
+	}
 }
 
 // newLogger builds the one logger: verbosity 0 logs state changes and

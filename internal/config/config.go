@@ -6,10 +6,12 @@ package config
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"reflect"
 	"strings"
 	"time"
 
@@ -28,10 +30,22 @@ type Config struct {
 	Resources *Resources `json:"resources,omitempty"`
 	Sharing   Sharing    `json:"sharing,omitempty"`
 	IMEX      IMEX       `json:"imex,omitempty"`
+	// Health is this daemon's extension (health_options.go).
+	Health Health `json:"health,omitempty"`
 
 	// Daemon holds settings that exist only on the command line and in the
 	// environment (not in NVIDIA's file format).
 	Daemon Daemon `json:"-"`
+	// Telemetry holds the exporter's settings, also flags and environment
+	// only (telemetry_options.go).
+	Telemetry Telemetry `json:"-"`
+
+	// parseWarnings are file problems that did not stop parsing (Warnings).
+	parseWarnings []string
+	// origin is how Load built this config, so Reload can do it again.
+	origin *origin
+	// fileSum is the SHA-256 of the config file content it was read from.
+	fileSum [32]byte
 }
 
 // Flags is the file's `flags` section.
@@ -98,10 +112,10 @@ type ReplicatedResources struct {
 
 // ReplicatedResource is one shared resource.
 type ReplicatedResource struct {
-	Name     string          `json:"name"`
-	Rename   string          `json:"rename,omitempty"`
-	Devices  json.RawMessage `json:"devices,omitempty"` // "all", a count, or a list of indices/UUIDs
-	Replicas int             `json:"replicas"`
+	Name     string   `json:"name"`
+	Rename   string   `json:"rename,omitempty"`
+	Devices  *Devices `json:"devices,omitempty"` // nil: all
+	Replicas int      `json:"replicas"`
 }
 
 // IMEX is the `imex` section.
@@ -142,6 +156,12 @@ type Daemon struct {
 	CDISpecDir       string        `json:"cdiSpecDir"`
 	WebConfigFile    string        `json:"webConfigFile"`
 	RescanInterval   time.Duration `json:"rescanInterval"`
+	// NodeLabels turns the GFD-compatible node labels file on; LabelsFile is
+	// where it is written (sharing_options.go).
+	NodeLabels bool   `json:"nodeLabels"`
+	LabelsFile string `json:"labelsFile"`
+	// WatchConfig reloads the config file when it changes.
+	WatchConfig bool `json:"watchConfig"`
 }
 
 // Device list strategies.
@@ -176,10 +196,14 @@ func ReadFile(path string) (*Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("config file %s: %w", path, err)
 	}
+	c.fileSum = sha256.Sum256(raw)
 	return c, nil
 }
 
-// Parse decodes a config document.
+// Parse decodes and validates a config document. Every error names the
+// field at fault by its path (e.g. sharing.timeSlicing.resources[1].replicas)
+// and what the field accepts; settings accepted without effect are listed by
+// Warnings.
 func Parse(raw []byte) (*Config, error) {
 	if len(bytes.TrimSpace(raw)) == 0 {
 		return &Config{Version: Version}, nil
@@ -187,6 +211,17 @@ func Parse(raw []byte) (*Config, error) {
 	js, err := yaml.YAMLToJSON(raw)
 	if err != nil {
 		return nil, fmt.Errorf("not valid YAML or JSON: %w", err)
+	}
+	doc, err := decodeGeneric(js)
+	if err != nil {
+		return nil, fmt.Errorf("not valid YAML or JSON: %w", err)
+	}
+	if _, ok := doc.(map[string]any); !ok && doc != nil {
+		return nil, fmt.Errorf("want a mapping with version, flags, sharing, ... at the top; got %s", describe(doc))
+	}
+	var shape shapeChecker
+	if err := shape.check(reflect.TypeFor[Config](), doc, ""); err != nil {
+		return nil, err
 	}
 	var c Config
 	dec := json.NewDecoder(bytes.NewReader(js))
@@ -201,6 +236,10 @@ func Parse(raw []byte) (*Config, error) {
 	default:
 		return nil, fmt.Errorf("version: %q is not supported (want %q)", c.Version, Version)
 	}
+	if err := c.validateFile(); err != nil {
+		return nil, err
+	}
+	c.parseWarnings = shape.warnings
 	return &c, nil
 }
 

@@ -137,7 +137,7 @@ func nvidiaOptions() []Option {
 		strOpt("cdi-annotation-prefix", nil, []string{"CDI_ANNOTATION_PREFIX"}, "cdi.k8s.io/",
 			"prefix of the CDI annotation keys (cdi-annotations strategy)", nil,
 			func(c *Config) **string { return &c.Plugin().CDIAnnotationPrefix }),
-		strOpt("nvidia-cdi-hook-path", []string{"nvidia-ctk-path"}, []string{"NVIDIA_CDI_HOOK_PATH", "NVIDIA_CTK_PATH"}, "/usr/bin/nvidia-ctk",
+		strOpt("nvidia-cdi-hook-path", []string{"nvidia-ctk-path"}, []string{"NVIDIA_CDI_HOOK_PATH", "NVIDIA_CTK_PATH"}, defaultCTKPath,
 			"path of nvidia-cdi-hook on the host, for CDI specs", nil,
 			func(c *Config) **string { return &c.Plugin().NvidiaCTKPath }),
 		strOpt("driver-root-ctr-path", []string{"container-driver-root"}, []string{"DRIVER_ROOT_CTR_PATH", "CONTAINER_DRIVER_ROOT"}, "/driver-root",
@@ -241,6 +241,7 @@ func Load(name string, args []string, getenv func(string) string, out io.Writer)
 	if err := c.validateOptions(opts); err != nil {
 		return nil, nil, err
 	}
+	c.origin = &origin{name: name, args: slices.Clone(args), getenv: getenv}
 	return c, fs.Args(), nil
 }
 

@@ -38,10 +38,14 @@ type Daemon struct {
 	lib     *nvml.Library // nil when NVML failed to start
 	initErr error         // why NVML failed, when we stay up anyway
 
-	inv     atomic.Pointer[nvml.Inventory]
-	health  *health.State
-	plugins *plugin.Manager
-	http    *httpServer
+	inv       atomic.Pointer[nvml.Inventory]
+	preferrer *plugin.TopologyPreferrer // placement over the current inventory's topology
+	health    *health.State
+	monitor   *health.Monitor // nil without NVML (health.go)
+	plugins   *plugin.Manager
+	http      *httpServer
+	rl        *reloader       // live config reloads, GPU re-scans, node labels (reload.go)
+	tel       *telemetryParts // sampler, pod attribution, DCGM_* metrics (telemetry.go)
 }
 
 // New opens NVML (or the simulated node), scans the inventory and builds
@@ -50,6 +54,8 @@ type Daemon struct {
 // registers nothing.
 func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 	d := &Daemon{cfg: cfg, log: log, started: time.Now(), health: health.NewState(log.With("component", "health"), nil)}
+	d.rl = newReloader(d)
+	d.preferrer = plugin.NewTopologyPreferrer(log.With("component", "placement"))
 	iface, err := d.openInterface()
 	if err != nil {
 		return nil, err
@@ -74,6 +80,14 @@ func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 			return nil, err
 		}
 	}
+	if err := d.newHealthMonitor(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	if err := d.newTelemetry(); err != nil {
+		d.Close()
+		return nil, err
+	}
 	if cfg.Daemon.MetricsAddress != "" {
 		// Bind now, so a taken port fails the start at once.
 		if d.http, err = d.newHTTPServer(); err != nil {
@@ -85,6 +99,8 @@ func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 		SocketDir: cfg.Daemon.KubeletSocketDir,
 		Health:    d.health,
 		Respond:   plugin.ResponseOptionsFrom(cfg),
+		Preferrer: d.preferrer,
+		Events:    d.pluginEvents(), // refreshes pod attribution (telemetry.go)
 		Logger:    log.With("component", "plugin"),
 	})
 	return d, nil
@@ -138,7 +154,7 @@ func (d *Daemon) rescan() error {
 	if err != nil {
 		return fmt.Errorf("scanning GPUs: %w", err)
 	}
-	d.inv.Store(inv)
+	d.setInventory(inv)
 	for _, g := range inv.GPUs {
 		if g.Lost && g.Usable() {
 			d.health.SetUnhealthy(g.UUID, "lost: the GPU fell off the bus (GPU_IS_LOST during discovery)")
@@ -164,6 +180,15 @@ func (d *Daemon) writeCDISpec() error {
 	}
 	d.log.Info("CDI spec written", "path", path, "devices", len(spec.Devices))
 	return nil
+}
+
+// setInventory publishes a (re-)scanned inventory and precomputes its
+// topology for placement.
+func (d *Daemon) setInventory(inv *nvml.Inventory) {
+	if err := d.preferrer.SetInventory(inv); err != nil {
+		d.log.Error("topology-aware placement unavailable; GetPreferredAllocation answers first-fit", "err", err)
+	}
+	d.inv.Store(inv)
 }
 
 func (d *Daemon) sysRoot() string {
@@ -198,7 +223,7 @@ func (d *Daemon) resources() ([]*sharing.Resource, error) {
 	if inv == nil {
 		return nil, nil
 	}
-	return sharing.Build(inv, sharing.Options{MigStrategy: d.cfg.MigStrategy()})
+	return d.rl.plan(inv, d.rl.config())
 }
 
 // Run serves until ctx ends. Bind errors return at once; a component
@@ -227,6 +252,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	if d.lib != nil {
 		run("kubelet plugins", func(ctx context.Context) error { return d.plugins.Run(ctx, resources) })
+	}
+	if d.monitor != nil {
+		run("health monitor", d.monitor.Run)
+	}
+	d.runTelemetry(run)
+	if d.lib != nil {
+		run("config reload and GPU re-scan", func(ctx context.Context) error { return d.rl.run(ctx, resources) })
 	}
 	d.log.Info("gpu-plugin running", "resources", resourceNames(resources), "metrics", d.Addr(), "startup", time.Since(d.started).Round(time.Millisecond))
 	<-ctx.Done()

@@ -45,8 +45,14 @@ func (d *Daemon) newHTTPServer() (*httpServer, error) {
 			ConstLabels: prometheus.Labels{"version": version.String()},
 		}, func() float64 { return 1 }),
 	)
+	h.registry.MustRegister(d.healthCollector())
+	h.registry.MustRegister(d.rl) // config reloads, re-scans, node labels (reload.go)
+	// DCGM_*, the sampler, pod attribution, plugin and NVML counters (telemetry.go).
+	h.registry.MustRegister(d.telemetryCollectors()...)
 	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(h.registry, promhttp.HandlerOpts{ErrorLog: nil}))
+	// With telemetry on, DCGM_* families are written from pre-rendered
+	// label sets after the registry's (telemetry.go).
+	mux.Handle("GET /metrics", d.metricsHandler(h.registry, promhttp.HandlerFor(h.registry, promhttp.HandlerOpts{ErrorLog: nil})))
 	mux.HandleFunc("GET /healthz", h.healthz)
 	mux.HandleFunc("GET /readyz", h.readyz)
 	mux.HandleFunc("GET /debug/devices", h.debugDevices)
@@ -87,14 +93,20 @@ func (h *httpServer) run(ctx context.Context) error {
 	}
 }
 
-// healthz is liveness: the process serves HTTP.
+// healthz is liveness: the process serves HTTP and the telemetry sampler's
+// loop turns.
 func (h *httpServer) healthz(w http.ResponseWriter, _ *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if err := h.d.telemetryAlive(); err != nil {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		fmt.Fprintln(w, err)
+		return
+	}
 	fmt.Fprintln(w, "ok")
 }
 
-// readyz is readiness: NVML works and every resource is registered with the
-// kubelet.
+// readyz is readiness: NVML works, every resource is registered with the
+// kubelet, and the telemetry samples are fresh.
 func (h *httpServer) readyz(w http.ResponseWriter, _ *http.Request) {
 	var problems []string
 	if h.d.initErr != nil {
@@ -109,6 +121,10 @@ func (h *httpServer) readyz(w http.ResponseWriter, _ *http.Request) {
 			problems = append(problems, msg)
 		}
 	}
+	if h.d.initErr == nil && len(problems) == 0 && !h.d.plugins.Registered() {
+		problems = append(problems, "kubelet plugin servers starting")
+	}
+	problems = append(problems, h.d.telemetryProblems()...)
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	if len(problems) > 0 {
 		w.WriteHeader(http.StatusServiceUnavailable)
@@ -126,6 +142,8 @@ type DebugDevices struct {
 	Health    map[string]health.Status `json:"health"`
 	Resources []plugin.ResourceStatus  `json:"resources"`
 	NVMLError string                   `json:"nvmlError,omitempty"`
+	// HealthMonitor is the health monitor's own state (health.go).
+	HealthMonitor *health.MonitorStatus `json:"healthMonitor,omitempty"`
 }
 
 func (h *httpServer) debugDevices(w http.ResponseWriter, _ *http.Request) {
@@ -139,6 +157,7 @@ func (h *httpServer) debugDevices(w http.ResponseWriter, _ *http.Request) {
 	if h.d.initErr != nil {
 		doc.NVMLError = h.d.initErr.Error()
 	}
+	doc.HealthMonitor = h.d.healthMonitorStatus()
 	w.Header().Set("Content-Type", "application/json")
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")

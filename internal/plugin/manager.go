@@ -51,6 +51,7 @@ type Manager struct {
 
 	mu      sync.Mutex // guards servers for readers outside the loop
 	servers map[string]*server
+	started bool // Run has created the servers
 }
 
 type update struct {
@@ -117,6 +118,9 @@ func (m *Manager) Run(ctx context.Context, resources []*sharing.Resource) error 
 	defer m.stopAll()
 
 	m.apply(resources, m.opts.Respond)
+	m.mu.Lock()
+	m.started = true
+	m.mu.Unlock()
 	ticker := time.NewTicker(m.opts.PollInterval)
 	defer ticker.Stop()
 	backoff := m.opts.MinBackoff
@@ -138,7 +142,7 @@ func (m *Manager) Run(ctx context.Context, resources []*sharing.Resource) error 
 			if ev.Name == m.kubeletSocket && ev.Has(fsnotify.Create) {
 				m.log.Info("kubelet socket created: the kubelet restarted, registering again")
 				m.restartMissing()
-				m.markUnregistered()
+				m.markUnregistered(m.kubeletSocketCreated())
 				retryNow()
 			} else if ev.Has(fsnotify.Remove) || ev.Has(fsnotify.Rename) {
 				if m.restartMissing() {
@@ -203,7 +207,16 @@ func (m *Manager) apply(resources []*sharing.Resource, respond ResponseOptions) 
 
 func sameResource(a, b *sharing.Resource) bool {
 	return a.Replicas == b.Replicas && a.FailRequestsGreaterThanOne == b.FailRequestsGreaterThanOne &&
-		slices.EqualFunc(a.Devices, b.Devices, func(x, y sharing.Device) bool { return x.ID == y.ID && x.NUMANode == y.NUMANode })
+		a.AllocationPolicy == b.AllocationPolicy && a.Base == b.Base &&
+		slices.EqualFunc(a.Devices, b.Devices, sameDevice)
+}
+
+// sameDevice compares everything Allocate, ListAndWatch and health read.
+func sameDevice(x, y sharing.Device) bool {
+	sameMIG := (x.MIG == nil) == (y.MIG == nil) && (x.MIG == nil || *x.MIG == *y.MIG)
+	return x.ID == y.ID && x.Physical == y.Physical && x.GPUIndex == y.GPUIndex && x.GPUUUID == y.GPUUUID &&
+		x.Replica == y.Replica && x.NUMANode == y.NUMANode && x.Minor == y.Minor && sameMIG &&
+		slices.Equal(x.MIGChildren, y.MIGChildren)
 }
 
 // restartMissing restarts every server whose socket is gone (the kubelet
@@ -228,12 +241,31 @@ func (m *Manager) restartMissing() bool {
 	return restarted
 }
 
-func (m *Manager) markUnregistered() {
+// markUnregistered forgets the registrations made before the kubelet
+// socket was created: those were with the previous kubelet. A server that
+// registered after it (the new kubelet deleted its socket, so it restarted
+// and registered before this event was handled) is registered with this
+// kubelet already: a second Register is refused as "already connected",
+// which would leave it unregistered for good and orphan the kubelet's first
+// connection (the real-kubelet suite in tests/kubelet catches this).
+func (m *Manager) markUnregistered(created time.Time) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, s := range m.servers {
-		s.stats.registered.Store(false)
+		if s.stats.registeredAt.Load() <= created.UnixNano() {
+			s.stats.registered.Store(false)
+		}
 	}
+}
+
+// kubeletSocketCreated is when the current kubelet socket was created, or
+// now if it is gone again.
+func (m *Manager) kubeletSocketCreated() time.Time {
+	fi, err := os.Stat(m.kubeletSocket)
+	if err != nil {
+		return time.Now()
+	}
+	return fi.ModTime()
 }
 
 // registerPending registers every running server not yet registered.
@@ -303,6 +335,12 @@ func (m *Manager) Status() []ResourceStatus {
 // Registered reports whether every served resource is registered with the
 // kubelet (readiness).
 func (m *Manager) Registered() bool {
+	m.mu.Lock()
+	started := m.started
+	m.mu.Unlock()
+	if !started {
+		return false
+	}
 	for _, st := range m.Status() {
 		if !st.Registered {
 			return false

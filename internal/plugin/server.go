@@ -82,6 +82,7 @@ type serverStats struct {
 	allocationErrors atomic.Uint64
 	registrations    atomic.Uint64
 	registered       atomic.Bool
+	registeredAt     atomic.Int64 // unix nanoseconds of the last successful Register
 	lastRegisterErr  atomic.Pointer[string]
 	streams          atomic.Int64
 }
@@ -187,6 +188,7 @@ func (s *server) register(ctx context.Context, kubeletSocket string) error {
 		return fmt.Errorf("registering %s with the kubelet at %s: %w", s.name, kubeletSocket, err)
 	}
 	s.stats.registrations.Add(1)
+	s.stats.registeredAt.Store(time.Now().UnixNano())
 	s.stats.registered.Store(true)
 	s.stats.lastRegisterErr.Store(nil)
 	return nil

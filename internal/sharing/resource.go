@@ -33,6 +33,9 @@ type Device struct {
 	Replica  int
 	NUMANode int // -1 when unknown
 	Minor    int // the parent GPU's /dev/nvidia<minor>
+	// MIGChildren are the MIG devices of a MIG-enabled GPU advertised whole
+	// (migStrategy none): a fault on any of them makes the whole GPU unfit.
+	MIGChildren []string
 }
 
 // IndexID is the device's name under the index ID strategy: the GPU's NVML
@@ -45,12 +48,13 @@ func (d *Device) IndexID() string {
 }
 
 // HealthUnits are the health table keys whose health this device shares:
-// its GPU, and its MIG device if it is one.
+// its GPU, its MIG device if it is one, and the MIG devices inside it if it
+// is a whole MIG-enabled GPU.
 func (d *Device) HealthUnits() []string {
 	if d.MIG != nil {
 		return []string{d.GPUUUID, d.MIG.UUID}
 	}
-	return []string{d.GPUUUID}
+	return append([]string{d.GPUUUID}, d.MIGChildren...)
 }
 
 // Resource is one extended resource and its devices.
@@ -62,13 +66,20 @@ type Resource struct {
 	Replicas int
 	// FailRequestsGreaterThanOne rejects requests for more than one replica.
 	FailRequestsGreaterThanOne bool
+	// AllocationPolicy is flags.plugin.sharedDevicesAllocationPolicy:
+	// "distributed" or "packed"; GetPreferredAllocation uses it to choose
+	// among replicas.
+	AllocationPolicy string
+	// Base is the resource the devices belong to before a time-slicing
+	// rename, e.g. nvidia.com/gpu for nvidia.com/gpu.shared; Name otherwise.
+	Base string
 
 	byID map[string]int
 }
 
 // NewResource indexes devices for lookup.
 func NewResource(name string, devices []Device) *Resource {
-	r := &Resource{Name: name, Devices: devices, byID: make(map[string]int, len(devices))}
+	r := &Resource{Name: name, Base: name, Devices: devices, byID: make(map[string]int, len(devices))}
 	for i, d := range devices {
 		r.byID[d.ID] = i
 	}
@@ -108,29 +119,4 @@ func SplitReplicaID(id string) (physical string, replica int, err error) {
 		return "", 0, fmt.Errorf("bad replica device ID %q: want <id>::<n> with n ≥ 0", id)
 	}
 	return base, n, nil
-}
-
-// Options are the parts of the configuration that shape resources.
-type Options struct {
-	MigStrategy string // none, single or mixed
-}
-
-// Build derives the node's resources from the inventory. GPUs that could
-// not be identified are left out (the health table reports them).
-func Build(inv *nvml.Inventory, opts Options) ([]*Resource, error) {
-	var devices []Device
-	for i := range inv.GPUs {
-		g := &inv.GPUs[i]
-		if !g.Usable() {
-			continue
-		}
-		devices = append(devices, Device{
-			ID: g.UUID, Physical: g.UUID, GPUIndex: g.Index, GPUUUID: g.UUID,
-			Replica: -1, NUMANode: g.NUMANode, Minor: g.Minor,
-		})
-	}
-	if len(devices) == 0 {
-		return nil, nil
-	}
-	return []*Resource{NewResource(DefaultResourceName, devices)}, nil
 }

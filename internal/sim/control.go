@@ -22,10 +22,22 @@ import (
 //	POST /sim/gpus/{index}/lost         the GPU falls off the bus
 //	POST /sim/gpus/{index}/recover      the GPU is back
 //	PUT  /sim/gpus/{index}/telemetry    JSON: gpu_util, mem_copy_util, fb_used_mib,
-//	                                    temperature_c, power_w, sm_clock_mhz (all optional)
+//	                                    temperature_c, power_w, sm_clock_mhz, memory_temp_c,
+//	                                    enc_util, dec_util, pcie_replays, gr_engine_active,
+//	                                    sm_active, sm_occupancy, tensor_active, dram_active
+//	                                    (all optional; the GPM ones in percent)
+//	PUT  /sim/gpus/{index}/mig         JSON {"enabled": true, "devices": ["3g.20gb", "3g.20gb"]}:
+//	                                    re-partition the GPU (enabled defaults to devices ≠ [])
 //	POST /sim/gpus/{index}/fault?call=GetTemperature&error=UNKNOWN
 //	                                    that NVML device call fails (call=* for all;
 //	                                    error=SUCCESS clears)
+//	POST /sim/gpus/{index}/ecc?type=double  an ECC event (type=single|double, default double;
+//	                                    optional gi=, ci=)
+//	POST /sim/fault?call=EventSetCreate&error=UNKNOWN
+//	                                    a library-level call fails: EventSetCreate, or
+//	                                    EventSetWait on every event set (error=SUCCESS clears)
+//	POST /sim/events/wait-lost?on=true  event waits fail with GPU_IS_LOST while a GPU
+//	                                    registered on the set is lost
 func (n *Node) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /sim/gpus", func(w http.ResponseWriter, r *http.Request) {
@@ -55,9 +67,28 @@ func (n *Node) Handler() http.Handler {
 		dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&p); err != nil {
-			return nil, badRequest("telemetry body: %v (fields: gpu_util, mem_copy_util, fb_used_mib, temperature_c, power_w, sm_clock_mhz)", err)
+			return nil, badRequest("telemetry body: %v (fields: %s)", err, TelemetryFields)
 		}
 		if err := n.SetTelemetry(gpu, p); err != nil {
+			return nil, badRequest("%v", err)
+		}
+		return n.State()[gpu], nil
+	}))
+	mux.HandleFunc("PUT /sim/gpus/{index}/mig", n.gpuHandler(func(gpu int, r *http.Request) (any, error) {
+		var body struct {
+			Enabled *bool    `json:"enabled"`
+			Devices []string `json:"devices"`
+		}
+		dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&body); err != nil {
+			return nil, badRequest("mig body: %v (fields: enabled, devices, e.g. {\"devices\": [\"3g.20gb\", \"3g.20gb\"]})", err)
+		}
+		enabled := len(body.Devices) > 0
+		if body.Enabled != nil {
+			enabled = *body.Enabled
+		}
+		if err := n.SetMIGLayout(gpu, enabled, body.Devices); err != nil {
 			return nil, badRequest("%v", err)
 		}
 		return n.State()[gpu], nil
@@ -70,6 +101,47 @@ func (n *Node) Handler() http.Handler {
 		}
 		return map[string]any{"gpu": gpu, "call": call, "error": code.Error()}, n.SetFault(gpu, call, code)
 	}))
+	mux.HandleFunc("POST /sim/gpus/{index}/ecc", n.gpuHandler(func(gpu int, r *http.Request) (any, error) {
+		var eventType uint64
+		switch t := r.URL.Query().Get("type"); t {
+		case "", "double":
+			eventType = gonvml.EventTypeDoubleBitEccError
+		case "single":
+			eventType = gonvml.EventTypeSingleBitEccError
+		default:
+			return nil, badRequest("ecc type %q: want single or double", t)
+		}
+		gi, err1 := queryInt(r, "gi", -1)
+		ci, err2 := queryInt(r, "ci", -1)
+		if err1 != nil || err2 != nil {
+			return nil, badRequest("gi and ci must be non-negative integers (MIG GPU / compute instance IDs)")
+		}
+		delivered, err := n.InjectEvent(gpu, eventType, 0, gi, ci)
+		return map[string]any{"gpu": gpu, "eventType": eventType, "delivered": delivered}, err
+	}))
+	mux.HandleFunc("POST /sim/fault", func(w http.ResponseWriter, r *http.Request) {
+		call := r.URL.Query().Get("call")
+		code, ok := returnCodes[strings.ToUpper(strings.TrimPrefix(r.URL.Query().Get("error"), "ERROR_"))]
+		if !ok {
+			reply(w, http.StatusBadRequest, map[string]string{"error": "fault needs ?call=<" + strings.Join(LibraryFaultCalls, "|") +
+				">&error=<UNKNOWN|GPU_IS_LOST|TIMEOUT|NOT_SUPPORTED|SUCCESS>"})
+			return
+		}
+		if err := n.SetLibraryFault(call, code); err != nil {
+			reply(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
+			return
+		}
+		reply(w, http.StatusOK, map[string]any{"call": call, "error": code.Error()})
+	})
+	mux.HandleFunc("POST /sim/events/wait-lost", func(w http.ResponseWriter, r *http.Request) {
+		on, err := strconv.ParseBool(r.URL.Query().Get("on"))
+		if err != nil {
+			reply(w, http.StatusBadRequest, map[string]string{"error": "wait-lost needs ?on=true or ?on=false"})
+			return
+		}
+		n.SetWaitLost(on)
+		reply(w, http.StatusOK, map[string]any{"waitLost": on})
+	})
 	return mux
 }
 

@@ -6,6 +6,7 @@ package sim
 
 import (
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -32,6 +33,9 @@ type Telemetry struct {
 	TemperatureC uint32  `json:"temperature_c"`
 	PowerW       float64 `json:"power_w"`
 	SMClockMHz   uint32  `json:"sm_clock_mhz"`
+
+	// Memory temperature, encoder/decoder, PCIe replays, GPM (telemetry.go).
+	ExtraTelemetry
 }
 
 // TelemetryPatch changes some telemetry fields; nil fields stay as they are.
@@ -42,6 +46,7 @@ type TelemetryPatch struct {
 	TemperatureC *uint32  `json:"temperature_c"`
 	PowerW       *float64 `json:"power_w"`
 	SMClockMHz   *uint32  `json:"sm_clock_mhz"`
+	ExtraTelemetryPatch
 }
 
 // GPUState is a simulated GPU as the control API reports it.
@@ -52,6 +57,9 @@ type GPUState struct {
 	Telemetry Telemetry `json:"telemetry"`
 	EnergyMJ  uint64    `json:"energy_mj"`
 	XIDs      int       `json:"xids"` // XIDs injected so far
+	// MIGEnabled and MIGDevices are the current MIG layout (SetMIGLayout).
+	MIGEnabled bool     `json:"mig_enabled"`
+	MIGDevices []string `json:"mig_devices,omitempty"`
 }
 
 // Node is a running simulated node. Its mock functions are fixed at
@@ -63,16 +71,22 @@ type Node struct {
 
 	lib     *mock.Interface
 	devices []*mock.Device
-	migs    [][]*mock.Device
 
 	mu     sync.Mutex
 	state  []gpuState
 	sets   map[*mock.EventSet]*eventSet
 	faults map[faultKey]gonvml.Return
 	inits  int
+	// libFaults fail library-level calls (EventSetCreate, EventSetWait);
+	// waitLost makes a wait fail with GPU_IS_LOST while a GPU registered on
+	// the set is lost, as some drivers do.
+	libFaults map[string]gonvml.Return
+	waitLost  bool
+	gpm       map[*mock.GpmSample]*gpmRecord // allocated GPM samples and what they saw (telemetry.go)
 }
 
 type gpuState struct {
+	mig      migLayout // changed at run time by SetMIGLayout (mig.go)
 	lost     bool
 	tel      Telemetry
 	memClock uint32
@@ -102,6 +116,8 @@ func NewNode(p *Profile, now func() time.Time) *Node {
 		now:    now,
 		sets:   map[*mock.EventSet]*eventSet{},
 		faults: map[faultKey]gonvml.Return{},
+
+		libFaults: map[string]gonvml.Return{},
 	}
 	t0 := now()
 	for _, g := range n.spec.gpus {
@@ -109,7 +125,7 @@ func NewNode(p *Profile, now func() time.Time) *Node {
 			lost: g.lost,
 			tel: Telemetry{
 				TemperatureC: 31, PowerW: g.model.idlePowerW, SMClockMHz: g.model.smClockMHz,
-				FBUsedMiB: 0,
+				FBUsedMiB: 0, ExtraTelemetry: defaultExtraTelemetry(),
 			},
 			memClock: g.model.memClockMHz,
 			energyAt: t0,
@@ -118,12 +134,8 @@ func NewNode(p *Profile, now func() time.Time) *Node {
 	for _, g := range n.spec.gpus {
 		n.devices = append(n.devices, n.newDevice(g))
 	}
-	for _, g := range n.spec.gpus {
-		var migs []*mock.Device
-		for _, m := range g.migs {
-			migs = append(migs, n.newMIGDevice(g, m))
-		}
-		n.migs = append(n.migs, migs)
+	for i, g := range n.spec.gpus {
+		n.state[i].mig = n.newMIGLayout(g, g.migEnabled, g.migs, 0)
 	}
 	n.lib = n.newLibrary()
 	return n
@@ -204,10 +216,8 @@ func (n *Node) newLibrary() *mock.Interface {
 			if g.uuid == uuid {
 				return value[gonvml.Device](n, i, "DeviceGetHandleByUUID", n.devices[i])
 			}
-			for k, m := range g.migs {
-				if m.uuid == uuid {
-					return value[gonvml.Device](n, i, "DeviceGetHandleByUUID", n.migs[i][k])
-				}
+			if d := n.migByUUID(i, uuid); d != nil {
+				return value[gonvml.Device](n, i, "DeviceGetHandleByUUID", d)
 			}
 		}
 		return nil, gonvml.ERROR_NOT_FOUND
@@ -220,7 +230,16 @@ func (n *Node) newLibrary() *mock.Interface {
 		}
 		return nil, gonvml.ERROR_NOT_FOUND
 	}
-	l.EventSetCreateFunc = func() (gonvml.EventSet, gonvml.Return) { return n.newEventSet(), gonvml.SUCCESS }
+	l.EventSetCreateFunc = func() (gonvml.EventSet, gonvml.Return) {
+		n.mu.Lock()
+		r, failing := n.libFaults["EventSetCreate"]
+		n.mu.Unlock()
+		if failing {
+			return nil, r
+		}
+		return n.newEventSet(), gonvml.SUCCESS
+	}
+	n.addGPMLibrary(l)
 	return l
 }
 
@@ -291,15 +310,7 @@ func (n *Node) newDevice(g *simGPU) *mock.Device {
 			return s.tel.SMClockMHz
 		})
 	}
-	d.GetEncoderUtilizationFunc = func() (uint32, uint32, gonvml.Return) {
-		r := n.check(i, "GetEncoderUtilization")
-		return 0, 167000, r
-	}
-	d.GetDecoderUtilizationFunc = func() (uint32, uint32, gonvml.Return) {
-		r := n.check(i, "GetDecoderUtilization")
-		return 0, 167000, r
-	}
-	d.GetPcieReplayCounterFunc = func() (int, gonvml.Return) { return value(n, i, "GetPcieReplayCounter", 0) }
+	n.addTelemetryFuncs(d, g) // field values, encoder/decoder, PCIe replays, GPM (telemetry.go)
 
 	// Topology: NVLinks as the profile's matrix describes them.
 	links := n.nvlinkEnds(i)
@@ -343,6 +354,11 @@ func (n *Node) newDevice(g *simGPU) *mock.Device {
 		return value(n, i, "GetTopologyCommonAncestor", topologyLevel(n.spec.links[i][j].PCIe))
 	}
 
+	// The health monitor's probe.
+	d.GetPerformanceStateFunc = func() (gonvml.Pstates, gonvml.Return) {
+		return value(n, i, "GetPerformanceState", gonvml.PSTATE_0)
+	}
+
 	// Events.
 	d.GetSupportedEventTypesFunc = func() (uint64, gonvml.Return) {
 		return value[uint64](n, i, "GetSupportedEventTypes",
@@ -370,7 +386,7 @@ func (n *Node) newDevice(g *simGPU) *mock.Device {
 			return 0, 0, gonvml.ERROR_NOT_SUPPORTED
 		}
 		mode := gonvml.DEVICE_MIG_DISABLE
-		if g.migEnabled {
+		if n.migLayoutOf(i).enabled {
 			mode = gonvml.DEVICE_MIG_ENABLE
 		}
 		return mode, mode, n.check(i, "GetMigMode")
@@ -383,15 +399,16 @@ func (n *Node) newDevice(g *simGPU) *mock.Device {
 		return value(n, i, "GetMaxMigDeviceCount", int(g.model.migSlices()))
 	}
 	d.GetMigDeviceHandleByIndexFunc = func(k int) (gonvml.Device, gonvml.Return) {
+		layout := n.migLayoutOf(i)
 		switch {
-		case !g.migEnabled:
+		case !layout.enabled:
 			return nil, gonvml.ERROR_NOT_SUPPORTED
 		case k < 0 || k >= int(g.model.migSlices()):
 			return nil, gonvml.ERROR_INVALID_ARGUMENT
-		case k >= len(g.migs):
+		case k >= len(layout.devs):
 			return nil, gonvml.ERROR_NOT_FOUND
 		}
-		return value[gonvml.Device](n, i, "GetMigDeviceHandleByIndex", n.migs[i][k])
+		return value[gonvml.Device](n, i, "GetMigDeviceHandleByIndex", layout.devs[k])
 	}
 	d.GetGpuInstanceProfileInfoFunc = func(id int) (gonvml.GpuInstanceProfileInfo, gonvml.Return) {
 		info, ok := cfg.MIGProfiles.GpuInstanceProfiles[id]
@@ -401,7 +418,7 @@ func (n *Node) newDevice(g *simGPU) *mock.Device {
 		return value(n, i, "GetGpuInstanceProfileInfo", info)
 	}
 	d.GetGpuInstanceByIdFunc = func(id int) (gonvml.GpuInstance, gonvml.Return) {
-		for _, m := range g.migs {
+		for _, m := range n.migLayoutOf(i).migs {
 			if m.giID == id {
 				return value[gonvml.GpuInstance](n, i, "GetGpuInstanceById", n.newGpuInstance(g, m, d))
 			}
@@ -514,6 +531,9 @@ func (n *Node) newEventSet() *mock.EventSet {
 	es := &eventSet{ch: make(chan gonvml.EventData, EventQueueSize), regs: map[int]uint64{}}
 	ms := &mock.EventSet{}
 	ms.WaitFunc = func(timeoutMs uint32) (gonvml.EventData, gonvml.Return) {
+		if r := n.waitFailure(es); r != gonvml.SUCCESS {
+			return gonvml.EventData{}, r
+		}
 		t := time.NewTimer(time.Duration(timeoutMs) * time.Millisecond)
 		defer t.Stop()
 		select {
@@ -533,6 +553,53 @@ func (n *Node) newEventSet() *mock.EventSet {
 	n.sets[ms] = es
 	n.mu.Unlock()
 	return ms
+}
+
+// waitFailure is how a wait on es fails right now: a library-level fault,
+// a fault on EventSetWait for a GPU registered on es, or GPU_IS_LOST in
+// wait-lost mode while a registered GPU is lost.
+func (n *Node) waitFailure(es *eventSet) gonvml.Return {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if r, ok := n.libFaults["EventSetWait"]; ok {
+		return r
+	}
+	for gpu := range es.regs {
+		if r, ok := n.faults[faultKey{gpu, "EventSetWait"}]; ok {
+			return r
+		}
+		if n.waitLost && n.state[gpu].lost {
+			return gonvml.ERROR_GPU_IS_LOST
+		}
+	}
+	return gonvml.SUCCESS
+}
+
+// LibraryFaultCalls are the library-level calls SetLibraryFault can fail.
+var LibraryFaultCalls = []string{"EventSetCreate", "EventSetWait"}
+
+// SetLibraryFault makes a library-level call (EventSetCreate, or
+// EventSetWait on every event set) return code; SUCCESS clears it.
+func (n *Node) SetLibraryFault(op string, code gonvml.Return) error {
+	if !slices.Contains(LibraryFaultCalls, op) {
+		return fmt.Errorf("no library call %q to fail: want one of %s", op, strings.Join(LibraryFaultCalls, ", "))
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if code == gonvml.SUCCESS {
+		delete(n.libFaults, op)
+	} else {
+		n.libFaults[op] = code
+	}
+	return nil
+}
+
+// SetWaitLost turns wait-lost mode on or off: while on, an event wait fails
+// with GPU_IS_LOST as long as a GPU registered on its set is lost.
+func (n *Node) SetWaitLost(on bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.waitLost = on
 }
 
 func (n *Node) validGPU(gpu int) error {
@@ -626,6 +693,7 @@ func (n *Node) SetTelemetry(gpu int, p TelemetryPatch) error {
 	}
 	pct("gpu_util", p.GPUUtil)
 	pct("mem_copy_util", p.MemCopyUtil)
+	problems = append(problems, p.ExtraTelemetryPatch.problems()...)
 	if p.FBUsedMiB != nil && *p.FBUsedMiB > n.spec.gpus[gpu].memoryMiB {
 		problems = append(problems, fmt.Sprintf("fb_used_mib %d is more than the GPU's %d MiB", *p.FBUsedMiB, n.spec.gpus[gpu].memoryMiB))
 	}
@@ -651,6 +719,7 @@ func (n *Node) SetTelemetry(gpu int, p TelemetryPatch) error {
 	set(&s.tel.MemCopyUtil, p.MemCopyUtil)
 	set(&s.tel.TemperatureC, p.TemperatureC)
 	set(&s.tel.SMClockMHz, p.SMClockMHz)
+	p.ExtraTelemetryPatch.apply(&s.tel.ExtraTelemetry)
 	if p.FBUsedMiB != nil {
 		s.tel.FBUsedMiB = *p.FBUsedMiB
 	}
@@ -669,7 +738,7 @@ func (n *Node) State() []GPUState {
 		s := &n.state[i]
 		n.advanceEnergyLocked(s)
 		out[i] = GPUState{Index: i, UUID: n.spec.gpus[i].uuid, Lost: s.lost, Telemetry: s.tel,
-			EnergyMJ: uint64(s.energyMJ), XIDs: s.xids}
+			EnergyMJ: uint64(s.energyMJ), XIDs: s.xids, MIGEnabled: s.mig.enabled, MIGDevices: s.mig.profiles()}
 	}
 	return out
 }

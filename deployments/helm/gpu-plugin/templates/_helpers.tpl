@@ -1,0 +1,121 @@
+{{/* The chart's name, "gpu-plugin" unless overridden. */}}
+{{- define "gpu-plugin.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Object names: the release name when it already contains the chart's name, else release-chart. */}}
+{{- define "gpu-plugin.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Labels that select the DaemonSet's pods; never change them after an install. */}}
+{{- define "gpu-plugin.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "gpu-plugin.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Labels of every object. The Helm-only ones (chart, managed-by) are left out of the static manifest
+by its generator, which drops exactly the lines that carry these two keys.
+*/}}
+{{- define "gpu-plugin.labels" -}}
+{{ include "gpu-plugin.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: gpu-plugin
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "gpu-plugin.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "gpu-plugin.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "gpu-plugin.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{- define "gpu-plugin.configMapName" -}}
+{{- default (printf "%s-config" (include "gpu-plugin.fullname" .)) .Values.config.existingConfigMap }}
+{{- end }}
+
+{{/* Whether a web config is in use, and the Secret that holds it. */}}
+{{- define "gpu-plugin.webConfigEnabled" -}}
+{{- if or .Values.webConfig.config .Values.webConfig.existingSecret }}true{{ end }}
+{{- end }}
+
+{{- define "gpu-plugin.webConfigSecretName" -}}
+{{- default (printf "%s-web-config" (include "gpu-plugin.fullname" .)) .Values.webConfig.existingSecret }}
+{{- end }}
+
+{{- define "gpu-plugin.scheme" -}}
+{{- if .Values.webConfig.tls }}HTTPS{{ else }}HTTP{{ end }}
+{{- end }}
+
+{{/* failOnInitError as "true", "false" or "" (unset), whether given as a string or a boolean. */}}
+{{- define "gpu-plugin.failOnInitError" -}}
+{{- if not (kindIs "invalid" .Values.failOnInitError) }}{{ toString .Values.failOnInitError }}{{ end }}
+{{- end }}
+
+{{/* Whether the MIG strategy set here makes NVML list MIG devices. */}}
+{{- define "gpu-plugin.migEnabled" -}}
+{{- if has .Values.migStrategy (list "single" "mixed") }}true{{ end }}
+{{- end }}
+
+{{/*
+The probes: GET /healthz and /readyz, over HTTPS when the web config turns TLS on (the kubelet does
+not verify the certificate). With basic auth every path needs a password the kubelet does not have,
+so both probes only open a TCP connection.
+*/}}
+{{- define "gpu-plugin.probe" -}}
+{{- if .root.Values.webConfig.basicAuth }}
+tcpSocket:
+  port: metrics
+{{- else }}
+httpGet:
+  path: {{ .path }}
+  port: metrics
+  scheme: {{ include "gpu-plugin.scheme" .root }}
+{{- end }}
+{{- end }}
+
+{{/* Input checks: each names the values at fault and the fix. */}}
+{{- define "gpu-plugin.validate" -}}
+{{- if and .Values.migStrategy (not (has .Values.migStrategy (list "none" "single" "mixed"))) }}
+{{- fail (printf "migStrategy %q: want none, single, mixed, or empty to let the config file decide" .Values.migStrategy) }}
+{{- end }}
+{{- $fail := include "gpu-plugin.failOnInitError" . }}
+{{- if and $fail (not (has $fail (list "true" "false"))) }}
+{{- fail (printf "failOnInitError %q: want true, false, or empty to let the config file decide" $fail) }}
+{{- end }}
+{{- if and .Values.sharing .Values.config.existingConfigMap }}
+{{- fail "sharing is set but config.existingConfigMap is used: put the sharing section into that ConfigMap's file, or drop config.existingConfigMap" }}
+{{- end }}
+{{- if and .Values.sharing (regexMatch "(?m)^sharing:" .Values.config.inline) }}
+{{- fail "sharing is set and config.inline has its own sharing: section: keep one of them" }}
+{{- end }}
+{{- if and .Values.webConfig.config .Values.webConfig.existingSecret }}
+{{- fail "webConfig.config and webConfig.existingSecret are both set: keep one of them" }}
+{{- end }}
+{{- if and (contains "tls_server_config" .Values.webConfig.config) (not .Values.webConfig.tls) }}
+{{- fail "webConfig.config has tls_server_config: set webConfig.tls=true so that probes and the ServiceMonitor use HTTPS" }}
+{{- end }}
+{{- if and (contains "basic_auth_users" .Values.webConfig.config) (not .Values.webConfig.basicAuth) }}
+{{- fail "webConfig.config has basic_auth_users: set webConfig.basicAuth=true so that the probes stop asking for /healthz without a password" }}
+{{- end }}
+{{- if and (or .Values.webConfig.tls .Values.webConfig.basicAuth) (not (include "gpu-plugin.webConfigEnabled" .)) }}
+{{- fail "webConfig.tls or webConfig.basicAuth is set without a web config: set webConfig.config or webConfig.existingSecret" }}
+{{- end }}
+{{- end }}

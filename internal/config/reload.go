@@ -1,0 +1,53 @@
+package config
+
+import (
+	"encoding/json"
+	"errors"
+	"io"
+)
+
+// origin is what Load was given.
+type origin struct {
+	name   string
+	args   []string
+	getenv func(string) string
+}
+
+// ErrNotReloadable is returned by Reload for a Config that Load did not
+// build.
+var ErrNotReloadable = errors.New("config: not built by Load, so it cannot be reloaded")
+
+// Reload resolves the configuration again from the same flags and
+// environment, re-reading the config file, as on a live reload. The
+// receiver is not changed.
+func (c *Config) Reload() (*Config, error) {
+	if c.origin == nil {
+		return nil, ErrNotReloadable
+	}
+	n, _, err := Load(c.origin.name, c.origin.args, c.origin.getenv, io.Discard)
+	return n, err
+}
+
+// FileSum is the SHA-256 of the config file content this config was read
+// from (zero without a file), so a watcher can tell whether the file on disk
+// is still what is in force.
+func (c *Config) FileSum() [32]byte { return c.fileSum }
+
+// RestartRequired lists the settings that differ between c and next but
+// take effect only when the daemon restarts; everything else applies live.
+func (c *Config) RestartRequired(next *Config) []string {
+	var out []string
+	diff := func(name string, a, b any) {
+		ja, _ := json.Marshal(a)
+		jb, _ := json.Marshal(b)
+		if string(ja) != string(jb) {
+			out = append(out, name)
+		}
+	}
+	diff("flags.failOnInitError", c.Flags.FailOnInitError, next.Flags.FailOnInitError)
+	diff("flags.nvidiaDriverRoot", c.Flags.NvidiaDriverRoot, next.Flags.NvidiaDriverRoot)
+	diff("flags.deviceDiscoveryStrategy", c.Flags.DeviceDiscoveryStrategy, next.Flags.DeviceDiscoveryStrategy)
+	diff("flags.plugin.containerDriverRoot", c.Plugin().ContainerDriverRoot, next.Plugin().ContainerDriverRoot)
+	diff("health", c.Health, next.Health)
+	return out
+}

@@ -1,0 +1,92 @@
+package health
+
+import (
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
+)
+
+var (
+	deviceHealthyDesc = prometheus.NewDesc("gpu_plugin_device_healthy",
+		"1 if the advertised device is healthy, 0 if not; reason says why not.",
+		[]string{"resource", "device", "reason"}, nil)
+	xidDesc = prometheus.NewDesc("gpu_plugin_xid_errors_total",
+		"XID critical errors received from NVML, fatal or skipped (xid=\"other\" past 256 series).",
+		[]string{"gpu", "uuid", "xid"}, nil)
+	dbeDesc = prometheus.NewDesc("gpu_plugin_ecc_double_bit_events_total",
+		"Double-bit ECC events received from NVML.",
+		[]string{"gpu", "uuid"}, nil)
+	modeDesc = prometheus.NewDesc("gpu_plugin_health_monitor_mode",
+		"1 for the health monitor's current mode: events (NVML event set), probing (periodic probes only), disabled, starting, stopped.",
+		[]string{"mode"}, nil)
+	monitorErrorsDesc = prometheus.NewDesc("gpu_plugin_health_monitor_errors_total",
+		"Failed NVML steps of the health monitor by kind (event_set_create, register_events, event_wait, probe, unknown_device_event).",
+		[]string{"kind"}, nil)
+	probeRoundsDesc = prometheus.NewDesc("gpu_plugin_health_probe_rounds_total",
+		"Rounds of probing every GPU.", nil, nil)
+	eventsDesc = prometheus.NewDesc("gpu_plugin_health_events_total",
+		"NVML events received by the health monitor.", nil, nil)
+)
+
+// Collector exports device health and the monitor's state. It reads
+// everything at scrape time, so no series outlives its device.
+type Collector struct {
+	state     *State
+	monitor   *Monitor
+	resources func() []*sharing.Resource
+}
+
+// NewCollector builds the collector. resources lists the advertised
+// resources (the plugin manager's); monitor may be nil when NVML is not
+// available.
+func NewCollector(state *State, monitor *Monitor, resources func() []*sharing.Resource) *Collector {
+	return &Collector{state: state, monitor: monitor, resources: resources}
+}
+
+// Describe implements prometheus.Collector.
+func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{deviceHealthyDesc, xidDesc, dbeDesc, modeDesc, monitorErrorsDesc, probeRoundsDesc, eventsDesc} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector.
+func (c *Collector) Collect(ch chan<- prometheus.Metric) {
+	if c.resources != nil {
+		for _, r := range c.resources() {
+			for i := range r.Devices {
+				d := &r.Devices[i]
+				ok, reason := c.state.Check(d.HealthUnits()...)
+				v := 0.0
+				if ok {
+					v = 1
+				}
+				ch <- prometheus.MustNewConstMetric(deviceHealthyDesc, prometheus.GaugeValue, v, r.Name, d.ID, reason)
+			}
+		}
+	}
+	if c.monitor == nil {
+		return
+	}
+	k := c.monitor.Counters()
+	for _, x := range k.XIDs {
+		ch <- prometheus.MustNewConstMetric(xidDesc, prometheus.CounterValue, float64(x.Count), strconv.Itoa(x.GPU), x.UUID, x.Code)
+	}
+	for _, e := range k.DoubleBitECC {
+		ch <- prometheus.MustNewConstMetric(dbeDesc, prometheus.CounterValue, float64(e.Count), strconv.Itoa(e.GPU), e.UUID)
+	}
+	for _, mode := range Modes {
+		v := 0.0
+		if mode == k.Mode {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(modeDesc, prometheus.GaugeValue, v, mode)
+	}
+	for kind, n := range k.Errors {
+		ch <- prometheus.MustNewConstMetric(monitorErrorsDesc, prometheus.CounterValue, float64(n), kind)
+	}
+	ch <- prometheus.MustNewConstMetric(probeRoundsDesc, prometheus.CounterValue, float64(k.ProbeRounds))
+	ch <- prometheus.MustNewConstMetric(eventsDesc, prometheus.CounterValue, float64(k.Events))
+}
