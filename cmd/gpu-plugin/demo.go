@@ -39,7 +39,8 @@ func runDemo(ctx context.Context, args []string, getenv func(string) string, std
 	}
 	defer os.RemoveAll(dir)
 	// Defaults first: flags given by the user come later and win.
-	defaults := []string{"--simulate=dgx-h100", "--metrics-address=127.0.0.1:9400", "--kubelet-socket-dir=" + dir}
+	// The stand-in kubelet serves no pod-resources API: attribution is off.
+	defaults := []string{"--simulate=dgx-h100", "--metrics-address=127.0.0.1:9400", "--kubelet-socket-dir=" + dir, "--pod-resources-socket="}
 	cfg, rest, err := config.Load(name, append(defaults, args...), getenv, stdout)
 	if err != nil {
 		return usageError("demo: %v", err)

@@ -185,3 +185,28 @@ func TestEnergyIntegratesPower(t *testing.T) {
 		t.Errorf("energy grew by %d mJ over 10 s at 100 W, want 1000000", after-before)
 	}
 }
+
+// TestHandlesDoNotRecordCalls: a long-running simulated daemon must not
+// grow with every NVML call (moq mocks record arguments forever).
+func TestHandlesDoNotRecordCalls(t *testing.T) {
+	n, _ := newTestNode(t, "dgx-h100")
+	lib := n.NVML()
+	for i := 0; i < 100; i++ {
+		dev, _ := lib.DeviceGetHandleByIndex(i % 8)
+		dev.GetTemperature(gonvml.TEMPERATURE_GPU)
+		dev.GetClockInfo(gonvml.CLOCK_SM)
+		dev.GetNvLinkState(0)
+		peer, _ := lib.DeviceGetHandleByIndex((i + 1) % 8)
+		dev.GetTopologyCommonAncestor(peer)
+	}
+	d := n.devices[0].(simDevice)
+	if c := len(d.GetTemperatureCalls()) + len(d.GetClockInfoCalls()) + len(d.GetNvLinkStateCalls()) +
+		len(d.GetTopologyCommonAncestorCalls()) + len(n.lib.DeviceGetHandleByIndexCalls()); c != 0 {
+		t.Errorf("the mocks recorded %d calls; handles must bypass the recording", c)
+	}
+	set, _ := lib.EventSetCreate()
+	set.Wait(1)
+	if c := len(set.(simEventSet).WaitCalls()); c != 0 {
+		t.Errorf("event set recorded %d waits", c)
+	}
+}

@@ -5,7 +5,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/NVIDIA/go-nvml/pkg/nvml/mock"
+	gonvml "github.com/NVIDIA/go-nvml/pkg/nvml"
 )
 
 // migLayout is a GPU's current MIG mode and devices. A layout is never
@@ -14,8 +14,8 @@ import (
 type migLayout struct {
 	enabled bool
 	migs    []*simMIG
-	devs    []*mock.Device // the mock MIG device for each of migs
-	gen     int            // how many times SetMIGLayout re-partitioned the GPU
+	devs    []gonvml.Device // the MIG device handle (simDevice) for each of migs
+	gen     int             // how many times SetMIGLayout re-partitioned the GPU
 }
 
 func (l migLayout) profiles() []string {
@@ -30,7 +30,7 @@ func (l migLayout) profiles() []string {
 func (n *Node) newMIGLayout(g *simGPU, enabled bool, migs []*simMIG, gen int) migLayout {
 	l := migLayout{enabled: enabled, migs: migs, gen: gen}
 	for _, m := range migs {
-		l.devs = append(l.devs, n.newMIGDevice(g, m))
+		l.devs = append(l.devs, simDevice{n.newMIGDevice(g, m)})
 	}
 	return l
 }
@@ -43,7 +43,7 @@ func (n *Node) migLayoutOf(i int) migLayout {
 }
 
 // migByUUID finds a current MIG device of GPU i by UUID.
-func (n *Node) migByUUID(i int, uuid string) *mock.Device {
+func (n *Node) migByUUID(i int, uuid string) gonvml.Device {
 	l := n.migLayoutOf(i)
 	for k, m := range l.migs {
 		if m.uuid == uuid {

@@ -70,7 +70,7 @@ type Node struct {
 	now  func() time.Time
 
 	lib     *mock.Interface
-	devices []*mock.Device
+	devices []gonvml.Device // simDevice handles
 
 	mu     sync.Mutex
 	state  []gpuState
@@ -132,7 +132,7 @@ func NewNode(p *Profile, now func() time.Time) *Node {
 		})
 	}
 	for _, g := range n.spec.gpus {
-		n.devices = append(n.devices, n.newDevice(g))
+		n.devices = append(n.devices, simDevice{n.newDevice(g)})
 	}
 	for i, g := range n.spec.gpus {
 		n.state[i].mig = n.newMIGLayout(g, g.migEnabled, g.migs, 0)
@@ -142,7 +142,7 @@ func NewNode(p *Profile, now func() time.Time) *Node {
 }
 
 // NVML returns the simulated library.
-func (n *Node) NVML() gonvml.Interface { return n.lib }
+func (n *Node) NVML() gonvml.Interface { return simLibrary{n.lib} }
 
 // Name is the profile's name.
 func (n *Node) Name() string { return n.spec.name }
@@ -365,7 +365,8 @@ func (n *Node) newDevice(g *simGPU) *mock.Device {
 			gonvml.EventTypeXidCriticalError|gonvml.EventTypeDoubleBitEccError|gonvml.EventTypeSingleBitEccError)
 	}
 	d.RegisterEventsFunc = func(types uint64, set gonvml.EventSet) gonvml.Return {
-		ms, ok := set.(*mock.EventSet)
+		ws, ok := set.(simEventSet)
+		ms := ws.EventSet
 		n.mu.Lock()
 		defer n.mu.Unlock()
 		if r := n.failureLocked(i, "RegisterEvents"); r != gonvml.SUCCESS {
@@ -420,7 +421,7 @@ func (n *Node) newDevice(g *simGPU) *mock.Device {
 	d.GetGpuInstanceByIdFunc = func(id int) (gonvml.GpuInstance, gonvml.Return) {
 		for _, m := range n.migLayoutOf(i).migs {
 			if m.giID == id {
-				return value[gonvml.GpuInstance](n, i, "GetGpuInstanceById", n.newGpuInstance(g, m, d))
+				return value[gonvml.GpuInstance](n, i, "GetGpuInstanceById", n.newGpuInstance(g, m, simDevice{d}))
 			}
 		}
 		return nil, gonvml.ERROR_NOT_FOUND
@@ -428,7 +429,7 @@ func (n *Node) newDevice(g *simGPU) *mock.Device {
 	return d
 }
 
-func (n *Node) newGpuInstance(g *simGPU, m *simMIG, parent *mock.Device) *mock.GpuInstance {
+func (n *Node) newGpuInstance(g *simGPU, m *simMIG, parent gonvml.Device) *mock.GpuInstance {
 	cfg := g.model.config
 	ciProfile, _ := g.model.fullComputeProfile(m.giProfile)
 	gi := &mock.GpuInstance{}
@@ -527,7 +528,7 @@ func (n *Node) advanceEnergyLocked(s *gpuState) {
 	}
 }
 
-func (n *Node) newEventSet() *mock.EventSet {
+func (n *Node) newEventSet() simEventSet {
 	es := &eventSet{ch: make(chan gonvml.EventData, EventQueueSize), regs: map[int]uint64{}}
 	ms := &mock.EventSet{}
 	ms.WaitFunc = func(timeoutMs uint32) (gonvml.EventData, gonvml.Return) {
@@ -552,7 +553,7 @@ func (n *Node) newEventSet() *mock.EventSet {
 	n.mu.Lock()
 	n.sets[ms] = es
 	n.mu.Unlock()
-	return ms
+	return simEventSet{ms}
 }
 
 // waitFailure is how a wait on es fails right now: a library-level fault,

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	gonvml "github.com/NVIDIA/go-nvml/pkg/nvml"
-	"github.com/NVIDIA/go-nvml/pkg/nvml/mock"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/prometheus/common/expfmt"
@@ -298,7 +297,10 @@ func TestHungGPUDoesNotBlockOthers(t *testing.T) {
 	calls := make(chan struct{}, 10)
 	e := newSimEnv(t, "dgx-h100", envOptions{roundTimeout: 100 * time.Millisecond, before: func(e *simEnv) {
 		h, _ := e.inv.Handle(e.inv.GPUs[3].UUID)
-		d := h.(*mock.Device)
+		d, ok := sim.Mock(h)
+		if !ok {
+			t.Fatal("not a simulated handle")
+		}
 		orig := d.GetTemperatureFunc
 		d.GetTemperatureFunc = func(s gonvml.TemperatureSensors) (uint32, gonvml.Return) {
 			calls <- struct{}{}
