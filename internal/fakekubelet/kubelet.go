@@ -230,10 +230,16 @@ func (k *Kubelet) Resources() []string {
 func (k *Kubelet) Devices(resource string) []*pluginapi.Device {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if p, ok := k.plugins[resource]; ok {
-		return append([]*pluginapi.Device(nil), p.devices...)
+	p, ok := k.plugins[resource]
+	if !ok {
+		return nil
 	}
-	return nil
+	// Copies: the stream goroutine rewrites health in place when it ends.
+	out := make([]*pluginapi.Device, len(p.devices))
+	for i, d := range p.devices {
+		out[i] = &pluginapi.Device{ID: d.ID, Health: d.Health, Topology: d.Topology}
+	}
+	return out
 }
 
 // Events returns everything observed so far.

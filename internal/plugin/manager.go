@@ -123,11 +123,30 @@ func (m *Manager) Run(ctx context.Context, resources []*sharing.Resource) error 
 	m.mu.Unlock()
 	ticker := time.NewTicker(m.opts.PollInterval)
 	defer ticker.Stop()
+
+	// Registration runs in its own goroutine, one attempt at a time: the
+	// kubelet dials our socket back inside Register, and a kubelet that
+	// is itself restarting can make that take until the 5 s deadline. The
+	// loop meanwhile keeps restarting vanished sockets, and a new
+	// kubelet.sock cancels the attempt and starts a fresh one.
 	backoff := m.opts.MinBackoff
 	retry := time.NewTimer(0)
 	defer retry.Stop()
+	var attempt context.CancelFunc // nil when none is in flight
+	attemptDone := make(chan error, 1)
+	again := false // retry as soon as the attempt in flight ends
+	defer func() {
+		if attempt != nil {
+			attempt()
+			<-attemptDone
+		}
+	}()
 	retryNow := func() {
 		backoff = m.opts.MinBackoff
+		if attempt != nil {
+			again = true
+			return
+		}
 		retry.Reset(0)
 	}
 
@@ -141,6 +160,9 @@ func (m *Manager) Run(ctx context.Context, resources []*sharing.Resource) error 
 			}
 			if ev.Name == m.kubeletSocket && ev.Has(fsnotify.Create) {
 				m.log.Info("kubelet socket created: the kubelet restarted, registering again")
+				if attempt != nil {
+					attempt() // it was talking to the previous kubelet
+				}
 				m.restartMissing()
 				m.markUnregistered(m.kubeletSocketCreated())
 				retryNow()
@@ -161,11 +183,24 @@ func (m *Manager) Run(ctx context.Context, resources []*sharing.Resource) error 
 			m.apply(u.resources, u.respond)
 			retryNow()
 		case <-retry.C:
-			if err := m.registerPending(ctx); err != nil {
+			// A restarting kubelet deletes our socket; never send it to a
+			// missing one.
+			m.restartMissing()
+			actx, cancel := context.WithCancel(ctx)
+			attempt = cancel
+			go func() { attemptDone <- m.registerPending(actx) }()
+		case err := <-attemptDone:
+			attempt()
+			attempt = nil
+			switch {
+			case again:
+				again = false
+				retry.Reset(0)
+			case err != nil:
 				m.log.Debug("registration failed, retrying", "in", backoff, "err", err)
 				retry.Reset(backoff)
 				backoff = min(backoff*2, m.opts.MaxBackoff)
-			} else {
+			default:
 				backoff = m.opts.MinBackoff
 			}
 		}

@@ -159,8 +159,14 @@ func TestRegisterAndListAndWatch(t *testing.T) {
 	e.waitAllocatable(t, 8, 7)
 	e.health.SetHealthy(e.inv.GPUs[5].UUID, "test over")
 	e.waitAllocatable(t, 8, 8)
-	if !e.mgr.Registered() {
-		t.Error("manager does not report itself registered")
+	// The kubelet lists our devices before our Register call returns.
+	ctx := waitCtx(t)
+	for !e.mgr.Registered() {
+		select {
+		case <-ctx.Done():
+			t.Fatal("manager does not report itself registered")
+		case <-time.After(time.Millisecond):
+		}
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -70,8 +71,10 @@ type server struct {
 
 	mu      sync.Mutex
 	grpc    *grpc.Server
-	served  chan struct{} // closed when the current Serve returns
-	stopped chan struct{} // closed by stop, ends ListAndWatch streams
+	gen     uint64         // counts starts, so a registration knows which server it announced
+	streams map[uint64]int // open ListAndWatch streams by generation
+	served  chan struct{}  // closed when the current Serve returns
+	stopped chan struct{}  // closed by stop, ends ListAndWatch streams
 
 	stats serverStats
 }
@@ -131,6 +134,7 @@ func (s *server) start() error {
 	g := grpc.NewServer()
 	pluginapi.RegisterDevicePluginServer(g, s)
 	s.grpc, s.served, s.stopped = g, make(chan struct{}), make(chan struct{})
+	s.gen++
 	served := s.served
 	go func() {
 		defer close(served)
@@ -162,13 +166,33 @@ func (s *server) stop() {
 }
 
 func (s *server) running() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.grpc != nil
+	_, ok := s.generation()
+	return ok
 }
 
-// register announces the resource to the kubelet.
+// generation identifies the running gRPC server; ok is false when stopped.
+func (s *server) generation() (gen uint64, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.gen, s.grpc != nil
+}
+
+// watched reports whether the kubelet streams ListAndWatch from the server
+// generation gen, which is still the running one.
+func (s *server) watched(gen uint64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.grpc != nil && s.gen == gen && s.streams[gen] > 0
+}
+
+// register announces the resource to the kubelet. It runs outside the
+// manager's loop; should the server restart meanwhile, the kubelet may have
+// dialled the old one, so the registration does not count.
 func (s *server) register(ctx context.Context, kubeletSocket string) error {
+	gen, ok := s.generation()
+	if !ok {
+		return fmt.Errorf("%s: plugin server not running", s.name)
+	}
 	conn, err := grpc.NewClient("unix:"+kubeletSocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return fmt.Errorf("connecting to the kubelet at %s: %w", kubeletSocket, err)
@@ -182,12 +206,21 @@ func (s *server) register(ctx context.Context, kubeletSocket string) error {
 		ResourceName: s.name,
 		Options:      s.options(),
 	})
+	if err != nil && strings.Contains(err.Error(), "already connected") && s.watched(gen) {
+		// An earlier attempt reached the kubelet though its answer was
+		// lost (cancelled when a new kubelet.sock appeared): the kubelet
+		// is streaming from this very server, which is registration.
+		err = nil
+	}
 	if err != nil {
 		msg := err.Error()
 		s.stats.lastRegisterErr.Store(&msg)
 		return fmt.Errorf("registering %s with the kubelet at %s: %w", s.name, kubeletSocket, err)
 	}
 	s.stats.registrations.Add(1)
+	if now, ok := s.generation(); !ok || now != gen {
+		return fmt.Errorf("%s: plugin server restarted while registering; registering again", s.name)
+	}
 	s.stats.registeredAt.Store(time.Now().UnixNano())
 	s.stats.registered.Store(true)
 	s.stats.lastRegisterErr.Store(nil)
@@ -213,10 +246,21 @@ func (s *server) GetDevicePluginOptions(context.Context, *pluginapi.Empty) (*plu
 // the resource or of a device's health.
 func (s *server) ListAndWatch(_ *pluginapi.Empty, stream pluginapi.DevicePlugin_ListAndWatchServer) error {
 	s.mu.Lock()
-	stopped := s.stopped
+	stopped, gen := s.stopped, s.gen
+	if s.streams == nil {
+		s.streams = map[uint64]int{}
+	}
+	s.streams[gen]++
 	s.mu.Unlock()
 	s.stats.streams.Add(1)
-	defer s.stats.streams.Add(-1)
+	defer func() {
+		s.stats.streams.Add(-1)
+		s.mu.Lock()
+		if s.streams[gen]--; s.streams[gen] == 0 {
+			delete(s.streams, gen)
+		}
+		s.mu.Unlock()
+	}()
 	var last []*pluginapi.Device
 	for {
 		// Take the signals before reading, so no change slips between.

@@ -10,6 +10,7 @@ import (
 
 	monv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
 	appsv1 "k8s.io/api/apps/v1"
+	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kjson "sigs.k8s.io/json"
@@ -41,6 +42,9 @@ func newTyped(apiVersion, kind string) (any, *metav1.ObjectMeta, error) {
 		return o, &o.ObjectMeta, nil
 	case "apps/v1/DaemonSet":
 		o := &appsv1.DaemonSet{}
+		return o, &o.ObjectMeta, nil
+	case "autoscaling/v2/HorizontalPodAutoscaler":
+		o := &autoscalingv2.HorizontalPodAutoscaler{}
 		return o, &o.ObjectMeta, nil
 	case "monitoring.coreos.com/v1/ServiceMonitor":
 		o := &monv1.ServiceMonitor{}

@@ -1,7 +1,9 @@
 // Package deploy tests the install assets against the daemon itself: the
 // static manifests (deployments/static), the Helm chart
 // (deployments/helm/gpu-plugin), the alerts and their promtool unit tests,
-// the Grafana dashboard, the Dockerfile and README's references.
+// the Grafana dashboard, the autoscaling examples (deployments/autoscaling:
+// prometheus-adapter rules, HPA, KEDA ScaledObject, their queries evaluated
+// in a real Prometheus), the Dockerfile and README's references.
 //
 // It is a nested module so that Helm's Go library, k8s.io/api, the
 // Prometheus Operator's types and Prometheus' PromQL parser stay out of the

@@ -44,6 +44,7 @@ func BenchmarkKubeletRestartToCapacity(b *testing.B) {
 	k := startKubelet(b)
 	p := startPlugin(b)
 	k.waitCapacity(gpuResource, dgxH100)
+	p.waitRegistered("first registration")
 	var took []time.Duration
 	for b.Loop() {
 		start := time.Now()

@@ -163,7 +163,9 @@ func (k *kubelet) capacity(resource string) counts {
 }
 
 // waitCapacity waits until resource shows want and returns how long that
-// took; the test fails after waitTimeout.
+// took; the test fails after waitTimeout. Capacity shows before the
+// daemon's Register call has returned: call plugin.waitRegistered before
+// restarting the kubelet or reading registration counts.
 func (k *kubelet) waitCapacity(resource string, want counts) time.Duration {
 	k.tb.Helper()
 	return k.waitUntil(resource, want.String(), func(c counts) bool { return c == want })

@@ -12,6 +12,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/http"
 	"os"
 	"os/exec"
@@ -41,8 +42,10 @@ var profileNUMA = map[string][]int{
 	"dgx-h100":  {0, 0, 0, 0, 1, 1, 1, 1},
 }
 
-// forEachProfile runs f as a subtest per fake profile.
+// forEachProfile runs f as a subtest per fake profile; without the fake
+// library the test skips first, with one line.
 func forEachProfile(t *testing.T, f func(t *testing.T, profile string)) {
+	fakeNVMLDir(t)
 	for _, p := range fakeProfiles {
 		t.Run(p, func(t *testing.T) { f(t, p) })
 	}
@@ -179,7 +182,7 @@ func checkHealth(t *testing.T, d *realDaemon, want map[string]string) daemon.Deb
 		case bad && !strings.Contains(st.Reason, sub):
 			t.Errorf("/debug/devices: %s unhealthy with reason %q, want it to name %q", unit, st.Reason, sub)
 		case !bad && !st.Healthy:
-			t.Errorf("/debug/devices: %s unhealthy (%s); only %v should be", unit, st.Reason, slices.Collect(mapKeys(want)))
+			t.Errorf("/debug/devices: %s unhealthy (%s); only %v should be", unit, st.Reason, slices.Sorted(maps.Keys(want)))
 		}
 	}
 	for unit := range want {
@@ -188,16 +191,6 @@ func checkHealth(t *testing.T, d *realDaemon, want map[string]string) daemon.Deb
 		}
 	}
 	return doc
-}
-
-func mapKeys[V any](m map[string]V) func(func(string) bool) {
-	return func(yield func(string) bool) {
-		for k := range m {
-			if !yield(k) {
-				return
-			}
-		}
-	}
 }
 
 // Recovery: a lost GPU the library recovers, and a GPU that had XID 79 and
@@ -559,7 +552,7 @@ func TestRealNVMLTelemetry(t *testing.T) {
 		util := regexp.MustCompile(`(?m)^DCGM_FI_DEV_GPU_UTIL\{[^}]*\bgpu="1"[^}]*\} 77$`)
 		fb := regexp.MustCompile(`(?m)^DCGM_FI_DEV_FB_USED\{[^}]*\bgpu="1"[^}]*\} 12345$`)
 		// Wait for a first sample, so the interval is running.
-		if err := poll(waitTimeout, func() bool {
+		if err := pollHTTP(func() bool {
 			_, body := d.httpGet("/metrics")
 			return strings.Contains(body, "DCGM_FI_DEV_GPU_UTIL{")
 		}); err != nil {
@@ -568,7 +561,7 @@ func TestRealNVMLTelemetry(t *testing.T) {
 		start := time.Now()
 		d.mustCtl("tel 1 util=77 fb=12345")
 		var body string
-		if err := poll(waitTimeout, func() bool {
+		if err := pollHTTP(func() bool {
 			_, body = d.httpGet("/metrics")
 			return util.MatchString(body) && fb.MatchString(body)
 		}); err != nil {
@@ -630,6 +623,7 @@ func runInventory(t *testing.T, profile string, env []string, args ...string) st
 // profiles, and a profile file whose values could not come from anywhere
 // else (NUMA nodes out of order; sysfs is pointed at an empty directory).
 func TestRealNVMLInventoryMapping(t *testing.T) {
+	fakeNVMLDir(t)
 	custom := filepath.Join(t.TempDir(), "mapping.profile")
 	if err := os.WriteFile(custom, []byte(mappingProfile), 0o600); err != nil {
 		t.Fatal(err)
@@ -805,7 +799,7 @@ func measureHotPathCalls(t *testing.T, d *realDaemon, allocs, prefs, scrapes int
 	t.Helper()
 	// The one-time work must be done: a first telemetry sample on /metrics,
 	// the first probe round and the event set armed.
-	if err := poll(waitTimeout, func() bool {
+	if err := pollHTTP(func() bool {
 		_, body := d.httpGet("/metrics")
 		mon := d.debugDevices().HealthMonitor
 		return strings.Contains(body, "DCGM_FI_DEV_GPU_UTIL{") && mon != nil && mon.Mode == "events" && mon.ProbeRounds > 0
