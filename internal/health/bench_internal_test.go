@@ -49,7 +49,7 @@ func eventsSeen(m *Monitor) uint64 {
 }
 
 // TestIdleMonitorCost measures what an idle monitor costs on a simulated
-// dgx-h100 with the default settings (probe every 5 s, 500 ms waits): CPU
+// dgx-h100 with the default settings (probe every 5 s, 200 ms waits): CPU
 // time per second of the whole test process, against the same window
 // without the monitor, and goroutines. Opt-in, it takes 2 × the window:
 //

@@ -76,8 +76,9 @@ type MonitorOptions struct {
 	QuietPeriod time.Duration
 	// ProbeInterval is how often every GPU is probed (default 5 s).
 	ProbeInterval time.Duration
-	// WaitTimeout bounds one event wait, and so how long Run takes to stop
-	// (default 500 ms).
+	// WaitTimeout bounds one event wait, and so how long Run (and with it
+	// the daemon's SIGTERM) takes to stop (default 200 ms: 5 cheap waits a
+	// second when idle).
 	WaitTimeout time.Duration
 	// ArmRetry is how often probing mode tries to create the event set
 	// again (default 30 s).
@@ -224,7 +225,7 @@ func NewMonitor(opts MonitorOptions) *Monitor {
 		opts.ProbeInterval = 5 * time.Second
 	}
 	if opts.WaitTimeout <= 0 {
-		opts.WaitTimeout = 500 * time.Millisecond
+		opts.WaitTimeout = 200 * time.Millisecond
 	}
 	if opts.ArmRetry <= 0 {
 		opts.ArmRetry = 30 * time.Second

@@ -37,7 +37,8 @@ type Options struct {
 	// (default 1 s).
 	PollInterval time.Duration
 	// MinBackoff and MaxBackoff bound the registration retry delay
-	// (defaults 100 ms and 5 s).
+	// (defaults 10 ms and 5 s). A restarting kubelet creates kubelet.sock a
+	// moment before it accepts connections, so the first retries are quick.
 	MinBackoff, MaxBackoff time.Duration
 }
 
@@ -71,7 +72,7 @@ func NewManager(opts Options) *Manager {
 		opts.PollInterval = time.Second
 	}
 	if opts.MinBackoff <= 0 {
-		opts.MinBackoff = 100 * time.Millisecond
+		opts.MinBackoff = 10 * time.Millisecond
 	}
 	if opts.MaxBackoff <= 0 {
 		opts.MaxBackoff = 5 * time.Second

@@ -450,7 +450,7 @@ How each figure is taken:
   GetPreferredAllocation calls over the plugin socket and 100 scrapes of ^/metrics^. The daemon runs
   with ^--collect-interval=1h --health-probe-interval=1h --rescan-interval=0^ (its first telemetry
   sample stays fresh and is what scrapes serve), which confines its own NVML activity to the health
-  monitor's ^nvmlEventSetWait_v2^, one per 500 ms: every other call in the window would be a hot
+  monitor's ^nvmlEventSetWait_v2^, one per 200 ms: every other call in the window would be a hot
   path's, and the waits are checked against the window's length.
 - XID 79: ^xid <gpu> 79^ on the library's control socket (the clock starts before the command is sent).
   The daemon runs with ^--health-probe-interval=20ms --health-quiet-period=20ms^ so that each GPU
@@ -458,11 +458,11 @@ How each figure is taken:
   found by that 20 ms probe (5 s by default).
 - Kubelet restart: the manager is stopped and a new one started over the same directory (deleting every
   plugin socket, as the kubelet does); the clock starts before the stop. GPU 3 had XID 79 before, with a
-  1 h quiet period: "health kept" means it is still out after every restart. A restart near 100 ms is
-  the daemon's registration backoff: its first attempt came between the kubelet creating ^kubelet.sock^
-  and listening on it (seen under load), and the next is 100 ms later.
+  1 h quiet period: "health kept" means it is still out after every restart. A slow restart is the daemon's
+  registration backoff: its attempt right after ^kubelet.sock^ appeared came before the kubelet listened
+  on it, and the next attempt is 10 ms (MinBackoff) later, doubling up to 5 s.
 - SIGTERM: the socket is gone within milliseconds; the process then waits for the health monitor's NVML
-  event wait in flight (at most 500 ms, its timeout) before ^nvmlShutdown^ and exit.
+  event wait in flight (at most 200 ms, its timeout) before ^nvmlShutdown^ and exit.
 - CPU: utime + stime of the whole process (^/proc/<pid>/stat^, all threads) over the window; the idle
   daemon is registered, samples telemetry every second and probes every 5 s (the defaults).
 `

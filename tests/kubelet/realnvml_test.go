@@ -761,7 +761,7 @@ func TestRealNVMLHotPathsMakeNoNVMLCalls(t *testing.T) {
 // function during a measurement: telemetry samples once at start and then
 // hourly (its snapshot stays fresh, so scrapes serve it as always), probes
 // run hourly and re-scans never, which leaves the health monitor's
-// nvmlEventSetWait, one call per 500 ms wait.
+// nvmlEventSetWait, one call per 200 ms wait.
 var quietBackgroundFlags = []string{"--collect-interval=1h", "--health-probe-interval=1h", "--rescan-interval=0"}
 
 // backgroundWait is the one NVML function the daemon calls by itself under
@@ -769,7 +769,7 @@ var quietBackgroundFlags = []string{"--collect-interval=1h", "--health-probe-int
 // default).
 const (
 	backgroundWait       = "nvmlEventSetWait_v2"
-	backgroundWaitPeriod = 500 * time.Millisecond
+	backgroundWaitPeriod = 200 * time.Millisecond
 )
 
 // hotPathCalls is one hot path's NVML calls over n operations: hot is
