@@ -9,7 +9,7 @@ export CGO_ENABLED := 1
 LDFLAGS := -X github.com/gpu-plugin/gpu-plugin/internal/version.version=$(VERSION)
 IMAGE ?= gpu-plugin:$(VERSION)
 
-.PHONY: all build test test-unit test-kubelet test-deploy demo image lint bench manifests
+.PHONY: all build test test-unit test-kubelet test-deploy demo image lint bench bench-go fuzz soak manifests
 
 all: build
 
@@ -37,8 +37,14 @@ test-deploy: ## only the install assets' suite (tests/deploy: manifests, chart, 
 manifests: ## regenerate deployments/static/*.yaml from the Helm chart
 	cd tests/deploy && $(GO) run ./cmd/gen-static
 
-bench: ## benchmarks (no tests); BENCH=regexp and PKGS=./internal/... narrow them
+bench: ## run every benchmark once and rewrite docs/benchmarks.md (~8 min; as root for the real-kubelet/NVML rows)
+	$(GO) run ./tools/benchreport -o docs/benchmarks.md
+
+bench-go: ## plain go test -bench; BENCH=regexp and PKGS=./internal/... narrow them
 	$(GO) test -run '^$$' -bench '$(or $(BENCH),.)' -benchmem $(or $(PKGS),./...)
+
+fuzz: ## every fuzz target, one at a time, FUZZTIME each (default 10s); FUZZ=regexp picks targets
+	./scripts/fuzz.sh
 
 lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

@@ -24,6 +24,10 @@ go vet ./...
 step "unit and integration tests (-race)"
 go test -race -count=1 ./...
 
+# Every fuzz target briefly, from its committed seed corpus (FUZZTIME each).
+step "fuzzing: each target for ${FUZZTIME:-10s} (scripts/fuzz.sh)"
+./scripts/fuzz.sh
+
 # A nested module: the root's vet and test skip it. Cold build ~7+ min.
 # It builds ../shared/tools/fakenvml (when present) for the real-NVML tests.
 step "real kubelet device manager conformance and the real NVML path on the fake library (tests/kubelet: vet, tests)"

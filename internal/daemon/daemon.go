@@ -95,15 +95,23 @@ func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 			return nil, err
 		}
 	}
-	d.plugins = plugin.NewManager(plugin.Options{
-		SocketDir: cfg.Daemon.KubeletSocketDir,
+	d.plugins = plugin.NewManager(d.pluginOptions())
+	return d, nil
+}
+
+// pluginOptions configure the kubelet side. Registration backoff keeps the
+// manager's defaults (10 ms doubling to 5 s): a kubelet that appears after
+// minutes away is registered with at once (its socket's creation starts an
+// attempt), and within 5 s even if that event were missed.
+func (d *Daemon) pluginOptions() plugin.Options {
+	return plugin.Options{
+		SocketDir: d.cfg.Daemon.KubeletSocketDir,
 		Health:    d.health,
-		Respond:   plugin.ResponseOptionsFrom(cfg),
+		Respond:   plugin.ResponseOptionsFrom(d.cfg),
 		Preferrer: d.preferrer,
 		Events:    d.pluginEvents(), // refreshes pod attribution (telemetry.go)
-		Logger:    log.With("component", "plugin"),
-	})
-	return d, nil
+		Logger:    d.log.With("component", "plugin"),
+	}
 }
 
 // openInterface returns the simulated NVML, or the real library found under

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"strings"
@@ -38,7 +39,7 @@ func (d *Daemon) newHTTPServer() (*httpServer, error) {
 	h := &httpServer{d: d, lis: lis, registry: prometheus.NewRegistry()}
 	h.registry.MustRegister(
 		collectors.NewGoCollector(),
-		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		newCachedCollector(collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), time.Second),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name:        "gpu_plugin_build_info",
 			Help:        "Always 1; the version label says which build runs.",
@@ -65,6 +66,10 @@ func (d *Daemon) newHTTPServer() (*httpServer, error) {
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
+		// net/http's own complaints (TLS handshakes of clients that do not
+		// trust the certificate or speak plain HTTP) go to our logger, not
+		// the log package's stderr.
+		ErrorLog: slog.NewLogLogger(d.log.With("component", "http").Handler(), slog.LevelDebug),
 	}
 	return h, nil
 }

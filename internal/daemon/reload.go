@@ -7,6 +7,7 @@ package daemon
 // to plugin.Manager.Update, which re-advertises only what changed.
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -289,6 +290,12 @@ func (r *reloader) reloadConfig(force bool) {
 		return
 	}
 	r.lastSum = sum
+	if readErr == nil && len(bytes.TrimSpace(raw)) == 0 {
+		// A truncation or a write caught half-way leaves an empty file,
+		// which would otherwise parse as "all defaults" and drop sharing.
+		r.reloadFailed(path, errors.New("the config file is empty (truncated, or still being written); to reset every setting to its default, write \"version: v1\""))
+		return
+	}
 	cur := r.config()
 	next, err := cur.Reload()
 	if err == nil {

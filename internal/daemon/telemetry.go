@@ -66,9 +66,15 @@ func (d *Daemon) newTelemetry() error {
 		// is retried; an absent embedded library is not.
 		sel.RetryPrimary = s.Backend == config.TelemetryDCGM || s.DCGMAddress != ""
 	}
-	d.tel.sampler = telemetry.NewSampler(telemetry.SamplerOptions{
+	samplerOpts := telemetry.SamplerOptions{
 		Inventory: d.inv.Load, Backends: sel, Metrics: metrics, Interval: s.CollectInterval, Logger: log,
-	})
+	}
+	if d.monitor != nil {
+		// GPU_IS_LOST from any call makes the GPU unhealthy, not only the
+		// health monitor's own calls.
+		samplerOpts.OnDeviceError = d.monitor.ReportError
+	}
+	d.tel.sampler = telemetry.NewSampler(samplerOpts)
 	if s.PodResourcesSocket != "" {
 		d.tel.pods = podresources.New(podresources.Options{
 			Socket: s.PodResourcesSocket, Interval: s.PodResourcesInterval, Resolver: d.podResolver,
@@ -285,6 +291,8 @@ var (
 		"NVML calls made by the daemon (health probes, inventory scans, telemetry).", nil, nil)
 	nvmlErrorsDesc = prometheus.NewDesc("gpu_plugin_nvml_call_errors_total",
 		"NVML calls that failed, not counting expected answers such as NOT_SUPPORTED.", nil, nil)
+	nvmlFunctionErrorsDesc = prometheus.NewDesc("gpu_plugin_nvml_function_errors_total",
+		"NVML calls that failed by NVML function (e.g. nvmlDeviceGetTemperature), expected answers excluded.", []string{"function"}, nil)
 )
 
 // daemonCollector exports the kubelet side's and NVML's counters.
@@ -292,7 +300,7 @@ type daemonCollector struct{ d *Daemon }
 
 func (c *daemonCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{resourceRegisteredDesc, resourceDevicesDesc, resourceStreamsDesc, registrationsDesc,
-		allocationsDesc, allocationErrorsDesc, nvmlUpDesc, nvmlCallsDesc, nvmlErrorsDesc} {
+		allocationsDesc, allocationErrorsDesc, nvmlUpDesc, nvmlCallsDesc, nvmlErrorsDesc, nvmlFunctionErrorsDesc} {
 		ch <- d
 	}
 }
@@ -318,6 +326,9 @@ func (c *daemonCollector) Collect(ch chan<- prometheus.Metric) {
 		calls, failed := c.d.lib.Stats()
 		ch <- prometheus.MustNewConstMetric(nvmlCallsDesc, prometheus.CounterValue, float64(calls))
 		ch <- prometheus.MustNewConstMetric(nvmlErrorsDesc, prometheus.CounterValue, float64(failed))
+		for fn, n := range c.d.lib.FailedCalls() {
+			ch <- prometheus.MustNewConstMetric(nvmlFunctionErrorsDesc, prometheus.CounterValue, float64(n), fn)
+		}
 	}
 	ch <- prometheus.MustNewConstMetric(nvmlUpDesc, prometheus.GaugeValue, up)
 }

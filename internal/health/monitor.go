@@ -309,18 +309,19 @@ func (m *Monitor) Rescan() <-chan struct{} { return m.rescan.C() }
 // ReportError lets other NVML users (telemetry, allocation) report an error
 // on a GPU or MIG device of the inventory, by UUID: GPU_IS_LOST makes the
 // unit unhealthy at once, and the monitor then watches it for recovery like
-// its own findings. Other errors and unknown units are ignored. Safe for
-// concurrent use.
+// its own findings. Every report counts as a fresh fault, so a unit that a
+// caller keeps finding lost stays out until the reports stop for the quiet
+// period. Other errors and unknown units are ignored. Safe for concurrent
+// use.
 func (m *Monitor) ReportError(unit string, err error) {
 	if unit == "" || !nvml.IsLost(err) || m.policy.Disabled() || !inventoryHas(m.opts.Inventory(), unit) {
 		return
 	}
 	reason := "lost: " + err.Error()
-	if m.opts.State.SetUnhealthy(unit, reason) {
-		m.mu.Lock()
-		m.reported[unit] = reason
-		m.mu.Unlock()
-	}
+	m.opts.State.SetUnhealthy(unit, reason)
+	m.mu.Lock()
+	m.reported[unit] = reason
+	m.mu.Unlock()
 }
 
 func inventoryHas(inv *nvml.Inventory, unit string) bool {

@@ -508,7 +508,20 @@ func TestMonitorReportError(t *testing.T) {
 		t.Fatalf("after a reported GPU_IS_LOST: %+v", st)
 	}
 	r.waitStatus(t, "fault adopted", func(s MonitorStatus) bool { return len(s.Faults) == 1 })
-	clock.Advance(time.Minute)
+	first := r.m.Status().Faults[0].LastBad
+
+	// Reported again 30 s later: the quiet period starts over from then.
+	clock.Advance(30 * time.Second)
+	r.m.ReportError(uuid, &nvml.Error{Op: "nvmlDeviceGetTemperature", Return: gonvml.ERROR_GPU_IS_LOST})
+	r.waitStatus(t, "the repeat report adopted", func(s MonitorStatus) bool {
+		return len(s.Faults) == 1 && s.Faults[0].LastBad.After(first)
+	})
+	clock.Advance(40 * time.Second) // 70 s after the first report, 40 s after the last
+	r.rounds(t, 2)                  // probe rounds (which recover what is due) after the advance
+	if st := r.state.Status(uuid); st.Healthy {
+		t.Fatalf("healthy 40 s after a repeated GPU_IS_LOST report, quiet period 1 min: %+v", st)
+	}
+	clock.Advance(20 * time.Second)
 	r.waitUnit(t, uuid, true)
 }
 

@@ -122,6 +122,9 @@ type Library struct {
 
 	calls  atomic.Uint64 // calls made
 	errors atomic.Uint64 // calls that failed, expected answers excluded
+	// failed counts errors by function (op → *atomic.Uint64). Ops are
+	// literals at the call sites, so the map stays small.
+	failed sync.Map
 }
 
 // Open initialises NVML through iface (the real library from gonvml.New, or a
@@ -161,6 +164,26 @@ func (l *Library) Close() error {
 
 // Stats reports how many NVML calls the process made and how many failed.
 func (l *Library) Stats() (calls, failed uint64) { return l.calls.Load(), l.errors.Load() }
+
+// FailedCalls reports the failed calls so far by NVML function (e.g.
+// "nvmlDeviceGetTemperature"), expected answers excluded, so an operator
+// can tell which call a driver problem breaks.
+func (l *Library) FailedCalls() map[string]uint64 {
+	out := map[string]uint64{}
+	l.failed.Range(func(op, n any) bool {
+		out[op.(string)] = n.(*atomic.Uint64).Load()
+		return true
+	})
+	return out
+}
+
+func (l *Library) countFailure(op string) {
+	n, ok := l.failed.Load(op)
+	if !ok {
+		n, _ = l.failed.LoadOrStore(op, new(atomic.Uint64))
+	}
+	n.(*atomic.Uint64).Add(1)
+}
 
 // Interface returns the underlying go-nvml interface. Only pass it into the
 // functions given to Call, Call2 and Do; never call it directly.
@@ -204,6 +227,7 @@ func Call2[A, B any](l *Library, op string, f func() (A, B, gonvml.Return)) (a A
 	}
 	if err != nil && !expected(err) {
 		l.errors.Add(1)
+		l.countFailure(op)
 	}
 	return a, b, err
 }

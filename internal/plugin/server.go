@@ -156,13 +156,15 @@ func (s *server) stop() {
 	if g == nil {
 		return
 	}
+	// The socket goes first: nobody dials a server that is going away, and
+	// a client that sees its stream end finds the socket already gone.
+	if err := os.Remove(s.socket); err != nil && !errors.Is(err, os.ErrNotExist) {
+		s.log.Warn("cannot remove plugin socket", "socket", s.socket, "err", err)
+	}
 	close(stopped)
 	g.Stop()
 	<-served
 	s.stats.registered.Store(false)
-	if err := os.Remove(s.socket); err != nil && !errors.Is(err, os.ErrNotExist) {
-		s.log.Warn("cannot remove plugin socket", "socket", s.socket, "err", err)
-	}
 }
 
 func (s *server) running() bool {

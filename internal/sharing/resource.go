@@ -109,14 +109,16 @@ func SocketName(resource string) string {
 }
 
 // SplitReplicaID splits "<physical>::<n>"; replica is -1 for a plain ID.
+// n must be written as Build writes it (no sign, no leading zeros), so that
+// one replica has one ID.
 func SplitReplicaID(id string) (physical string, replica int, err error) {
 	base, num, found := strings.Cut(id, ReplicaSeparator)
 	if !found {
 		return id, -1, nil
 	}
 	n, err := strconv.Atoi(num)
-	if err != nil || n < 0 || base == "" {
-		return "", 0, fmt.Errorf("bad replica device ID %q: want <id>::<n> with n ≥ 0", id)
+	if err != nil || n < 0 || base == "" || strconv.Itoa(n) != num {
+		return "", 0, fmt.Errorf("bad replica device ID %q: want <id>::<n> with n a decimal number ≥ 0 without sign or leading zeros", id)
 	}
 	return base, n, nil
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"reflect"
 	"strconv"
 	"strings"
 
@@ -99,6 +100,9 @@ func (n *Node) Handler() http.Handler {
 		if call == "" || !ok {
 			return nil, badRequest("fault needs ?call=<device method, e.g. GetTemperature, or *>&error=<UNKNOWN|GPU_IS_LOST|TIMEOUT|NOT_SUPPORTED|SUCCESS>")
 		}
+		if !faultCall(call) {
+			return nil, badRequest("no NVML call %q to fail: want a method of go-nvml's Device (e.g. GetTemperature), GpuInstance or ComputeInstance (e.g. GpuInstanceGetInfo), or *", call)
+		}
 		return map[string]any{"gpu": gpu, "call": call, "error": code.Error()}, n.SetFault(gpu, call, code)
 	}))
 	mux.HandleFunc("POST /sim/gpus/{index}/ecc", n.gpuHandler(func(gpu int, r *http.Request) (any, error) {
@@ -143,6 +147,27 @@ func (n *Node) Handler() http.Handler {
 		reply(w, http.StatusOK, map[string]any{"waitLost": on})
 	})
 	return mux
+}
+
+// faultCall reports whether call names a simulated call a fault can fail:
+// a Device method, a GpuInstance or ComputeInstance method with that
+// prefix, or "*". A typo would otherwise be stored and never fire.
+func faultCall(call string) bool {
+	if call == "*" {
+		return true
+	}
+	if _, ok := reflect.TypeFor[gonvml.Device]().MethodByName(call); ok {
+		return true
+	}
+	if m, ok := strings.CutPrefix(call, "GpuInstance"); ok {
+		_, ok = reflect.TypeFor[gonvml.GpuInstance]().MethodByName(m)
+		return ok
+	}
+	if m, ok := strings.CutPrefix(call, "ComputeInstance"); ok {
+		_, ok = reflect.TypeFor[gonvml.ComputeInstance]().MethodByName(m)
+		return ok
+	}
+	return false
 }
 
 var returnCodes = map[string]gonvml.Return{

@@ -206,6 +206,9 @@ func (p *Profile) expand(file string, lines map[string]int) (*node, error) {
 		if count < 0 || count > 64 {
 			return nil, fail(field+".count", "%d is out of range 1..64", g.Count)
 		}
+		if len(n.gpus)+count > maxProfileGPUs {
+			return nil, fail(field+".count", "the profile would have more than %d GPUs (the topology matrix grows with their square)", maxProfileGPUs)
+		}
 		if count > 1 && (g.UUID != "" || g.PCIBusID != "") {
 			return nil, fail(field, "uuid and pciBusId name one GPU: use count 1 with them")
 		}
@@ -289,6 +292,11 @@ func (p *Profile) expand(file string, lines map[string]int) (*node, error) {
 	}
 	return n, nil
 }
+
+// maxProfileGPUs bounds a profile's GPUs: far above any node, low enough
+// that a profile (a few bytes per 64 GPUs, fewer with YAML aliases) cannot
+// make the n×n topology exhaust memory.
+const maxProfileGPUs = 512
 
 var uuidPattern = regexp.MustCompile(`^GPU-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
 

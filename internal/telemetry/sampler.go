@@ -40,6 +40,10 @@ type SamplerOptions struct {
 	RoundTimeout time.Duration
 	Logger       *slog.Logger
 	Now          func() time.Time
+	// OnDeviceError, if set, hears of every device whose round failed, by
+	// the unit's UUID (the daemon hands GPU_IS_LOST to the health monitor).
+	// It is called from the sampling loop: keep it quick.
+	OnDeviceError func(key string, err error)
 }
 
 // Sampler reads every device once per interval and publishes immutable
@@ -373,6 +377,9 @@ func (s *Sampler) publish(layout *Layout, out []Result, start, end time.Time) {
 		}
 		d.Stale, d.Err = true, r.Err.Error()
 		d.Failures++
+		if s.opts.OnDeviceError != nil {
+			s.opts.OnDeviceError(t.Key, r.Err)
+		}
 		if old != nil {
 			d.Values, d.At = old.Values, old.At
 		}

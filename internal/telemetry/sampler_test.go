@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	gonvml "github.com/NVIDIA/go-nvml/pkg/nvml"
+
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/telemetry"
 )
@@ -382,5 +384,30 @@ func TestFieldsRequested(t *testing.T) {
 	s.SampleOnce(context.Background())
 	if got, want := nv.get().lastFields, telemetry.MaskOf(telemetry.GPUTemp, telemetry.DriverVersion); got != want {
 		t.Errorf("fields requested %b, want %b", got, want)
+	}
+}
+
+// TestSamplerReportsDeviceErrors: every failed device of a round is handed
+// to OnDeviceError by UUID with the NVML error intact (the daemon passes
+// GPU_IS_LOST on to the health monitor); devices that answer are not.
+func TestSamplerReportsDeviceErrors(t *testing.T) {
+	reported := map[string]error{}
+	e := newSimEnv(t, "dgx-h100", envOptions{onDeviceError: func(key string, err error) { reported[key] = err }})
+	if err := e.node.SetFault(2, "GetTemperature", gonvml.ERROR_GPU_IS_LOST); err != nil {
+		t.Fatal(err)
+	}
+	e.sample()
+	lost := e.inv.GPUs[2].UUID
+	if len(reported) != 1 || !nvml.IsLost(reported[lost]) {
+		t.Fatalf("reported %v, want only %s with GPU_IS_LOST", reported, lost)
+	}
+	if err := e.node.SetFault(2, "GetTemperature", gonvml.SUCCESS); err != nil {
+		t.Fatal(err)
+	}
+	clear(reported)
+	e.clk.Advance(time.Second)
+	e.sample()
+	if len(reported) != 0 {
+		t.Errorf("after the fault was cleared, reported %v", reported)
 	}
 }

@@ -32,6 +32,8 @@ type envOptions struct {
 	metrics      *telemetry.MetricSet
 	roundTimeout time.Duration
 	noPods       bool
+	// onDeviceError is the sampler's OnDeviceError.
+	onDeviceError func(key string, err error)
 	// before runs after the inventory scan, before anything samples
 	// (to replace a mock function).
 	before func(*simEnv)
@@ -64,6 +66,7 @@ func newSimEnv(t testing.TB, profile string, o envOptions) *simEnv {
 		Inventory: func() *nvml.Inventory { return e.inv },
 		Backends:  telemetry.Selection{Configured: "auto", Fallback: backend},
 		Metrics:   o.metrics, Interval: time.Second, RoundTimeout: o.roundTimeout, Now: e.clk.Now,
+		OnDeviceError: o.onDeviceError,
 	})
 	e.pods.Store(&podresources.Snapshot{ByUnit: map[string][]podresources.Holder{}})
 	opts := telemetry.CollectorOptions{Sampler: e.sampler, Hostname: "node-1", Now: e.clk.Now}

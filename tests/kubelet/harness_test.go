@@ -91,11 +91,18 @@ type kubelet struct {
 // daemon needs the directory to exist. The manager stops at cleanup.
 func startKubelet(tb testing.TB) *kubelet {
 	tb.Helper()
+	return startKubeletLogged(tb, kubeletLogger(tb))
+}
+
+// startKubeletLogged is startKubelet with the manager (and every manager
+// after a restart) logging to logger.
+func startKubeletLogged(tb testing.TB, logger klog.Logger) *kubelet {
+	tb.Helper()
 	requireKubeletNamespace(tb)
 	if err := os.RemoveAll(pluginapi.DevicePluginPath); err != nil {
 		tb.Fatalf("emptying the device-plugin directory for a fresh node: %v", err)
 	}
-	k := &kubelet{tb: tb, logger: kubeletLogger(tb)}
+	k := &kubelet{tb: tb, logger: logger}
 	k.start()
 	tb.Cleanup(k.stop)
 	return k
@@ -285,6 +292,12 @@ func defaultFlags(tmp string) []string {
 // stops at cleanup.
 func startPlugin(tb testing.TB, flags ...string) *plugin {
 	tb.Helper()
+	return startPluginLogged(tb, daemonLogger(tb), flags...)
+}
+
+// startPluginLogged is startPlugin with the daemon logging to log.
+func startPluginLogged(tb testing.TB, log *slog.Logger, flags ...string) *plugin {
+	tb.Helper()
 	args := append(defaultFlags(tb.TempDir()), flags...)
 	cfg, rest, err := config.Load("gpu-plugin", args, func(string) string { return "" }, io.Discard)
 	if err != nil {
@@ -295,7 +308,7 @@ func startPlugin(tb testing.TB, flags ...string) *plugin {
 	}
 	cfg.Daemon.NodeName = "conformance-node"
 	p := &plugin{tb: tb, done: make(chan error, 1), cdiDir: cfg.Daemon.CDISpecDir}
-	p.d, err = daemon.New(cfg, daemonLogger(tb))
+	p.d, err = daemon.New(cfg, log)
 	if err != nil {
 		tb.Fatalf("daemon.New with %q: %v", args, err)
 	}
