@@ -104,21 +104,7 @@ func TestFaultsKubeletAbsent(t *testing.T) {
 	opts := d.pluginOptions()
 	opts.MinBackoff, opts.MaxBackoff = minBackoff, maxBackoff
 	d.plugins = plugin.NewManager(opts)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("daemon Run: %v", err)
-			}
-		case <-time.After(waitLimit):
-			t.Errorf("daemon Run did not return within %v of cancel", waitLimit)
-		}
-		d.Close()
-	})
+	runUntilCleanup(t, d)
 
 	// 10, 20, 40, 80, 160 ms, then 200 ms for good: 20 retries are about
 	// 15 capped cycles.

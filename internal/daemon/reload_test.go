@@ -100,6 +100,13 @@ func (e *rlEnv) start(profile string, args ...string) *rlEnv {
 		d.rl.debounce = max(e.debounce, 0)
 	}
 	e.d = d
+	runUntilCleanup(t, d)
+	return e
+}
+
+// runUntilCleanup runs d until the test ends, then checks that it stopped
+// cleanly and closes it.
+func runUntilCleanup(t testing.TB, d *Daemon) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- d.Run(ctx) }()
@@ -115,7 +122,6 @@ func (e *rlEnv) start(profile string, args ...string) *rlEnv {
 		}
 		d.Close()
 	})
-	return e
 }
 
 // write replaces the config file the way editors and kubectl cp do: a new
