@@ -43,6 +43,9 @@ bench: ## run every benchmark once and rewrite docs/benchmarks.md (~8 min; as ro
 bench-go: ## plain go test -bench; BENCH=regexp and PKGS=./internal/... narrow them
 	$(GO) test -run '^$$' -bench '$(or $(BENCH),.)' -benchmem $(or $(PKGS),./...)
 
+soak: ## the long soak against the real kubelet device manager (~3 min; root): restarts, allocations, reloads, XID storms
+	SOAK=long KUBELET_TEST_FLAGS="-run ^TestSoak$$ -v -timeout 30m" ./scripts/test-kubelet.sh
+
 fuzz: ## every fuzz target, one at a time, FUZZTIME each (default 10s); FUZZ=regexp picks targets
 	./scripts/fuzz.sh
 

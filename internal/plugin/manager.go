@@ -129,11 +129,15 @@ func (m *Manager) Run(ctx context.Context, resources []*sharing.Resource) error 
 	// kubelet dials our socket back inside Register, and a kubelet that
 	// is itself restarting can make that take until the 5 s deadline. The
 	// loop meanwhile keeps restarting vanished sockets, and a new
-	// kubelet.sock cancels the attempt and starts a fresh one.
+	// kubelet.sock cancels an attempt made to the previous kubelet and
+	// starts a fresh one. An attempt made to the new kubelet already goes
+	// on: cancelling it after the kubelet dialled back leaks that
+	// connection in the kubelet (v1.37 closes it on no error path).
 	backoff := m.opts.MinBackoff
 	retry := time.NewTimer(0)
 	defer retry.Stop()
 	var attempt context.CancelFunc // nil when none is in flight
+	var attemptTo os.FileInfo      // kubelet.sock when the attempt began; nil if missing
 	attemptDone := make(chan error, 1)
 	again := false // retry as soon as the attempt in flight ends
 	defer func() {
@@ -161,7 +165,7 @@ func (m *Manager) Run(ctx context.Context, resources []*sharing.Resource) error 
 			}
 			if ev.Name == m.kubeletSocket && ev.Has(fsnotify.Create) {
 				m.log.Info("kubelet socket created: the kubelet restarted, registering again")
-				if attempt != nil {
+				if attempt != nil && !sameSocket(attemptTo, m.kubeletSocket) {
 					attempt() // it was talking to the previous kubelet
 				}
 				m.restartMissing()
@@ -189,6 +193,7 @@ func (m *Manager) Run(ctx context.Context, resources []*sharing.Resource) error 
 			m.restartMissing()
 			actx, cancel := context.WithCancel(ctx)
 			attempt = cancel
+			attemptTo, _ = os.Stat(m.kubeletSocket)
 			go func() { attemptDone <- m.registerPending(actx) }()
 		case err := <-attemptDone:
 			attempt()
@@ -302,6 +307,16 @@ func (m *Manager) kubeletSocketCreated() time.Time {
 		return time.Now()
 	}
 	return fi.ModTime()
+}
+
+// sameSocket reports whether path is still the file before was: the same
+// inode, created at the same time (an inode number may be reused).
+func sameSocket(before os.FileInfo, path string) bool {
+	if before == nil {
+		return false
+	}
+	now, err := os.Stat(path)
+	return err == nil && os.SameFile(before, now) && before.ModTime().Equal(now.ModTime())
 }
 
 // registerPending registers every running server not yet registered.
