@@ -3,7 +3,6 @@ package health
 import (
 	"context"
 	"log/slog"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/sim"
+	"github.com/gpu-plugin/gpu-plugin/internal/simtest"
 )
 
 // mockNode is go-nvml's dgxa100 mock server with an event set fed from a
@@ -99,24 +99,9 @@ func (n *mockNode) xid(i int, code uint64) {
 		GpuInstanceId: noInstance, ComputeInstanceId: noInstance}
 }
 
-// fakeClock is a settable clock for quiet periods.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newFakeClock() *fakeClock { return &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)} }
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
+// newFakeClock is a settable clock for quiet periods.
+func newFakeClock() *simtest.Clock {
+	return simtest.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
 }
 
 // running is a monitor running in the background until the test ends.

@@ -11,30 +11,12 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/labels"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
-	"github.com/gpu-plugin/gpu-plugin/internal/sim"
+	"github.com/gpu-plugin/gpu-plugin/internal/simtest"
 )
 
 func build(t *testing.T, profile, doc string) (*nvml.Inventory, []*sharing.Resource, string) {
 	t.Helper()
-	var p *sim.Profile
-	var err error
-	if strings.Contains(profile, "\n") {
-		p, err = sim.ParseProfile("test", []byte(profile))
-	} else {
-		p, err = sim.LoadProfile(profile)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	lib, err := nvml.Open(sim.NewNode(p, nil).NVML())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lib.Close() })
-	inv, err := nvml.Scan(lib, nvml.ScanOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	inv := simtest.Inventory(t, profile)
 	c, err := config.Parse([]byte("version: v1\n" + doc))
 	if err != nil {
 		t.Fatal(err)

@@ -11,33 +11,14 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
-	"github.com/gpu-plugin/gpu-plugin/internal/sim"
+	"github.com/gpu-plugin/gpu-plugin/internal/simtest"
 )
 
 // scan builds the inventory of a built-in profile or of a profile document,
 // through the simulated NVML and the production scanner.
 func scan(t testing.TB, profile string) *nvml.Inventory {
 	t.Helper()
-	var p *sim.Profile
-	var err error
-	if strings.Contains(profile, "\n") {
-		p, err = sim.ParseProfile("test", []byte(profile))
-	} else {
-		p, err = sim.LoadProfile(profile)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	lib, err := nvml.Open(sim.NewNode(p, nil).NVML())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lib.Close() })
-	inv, err := nvml.Scan(lib, nvml.ScanOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return inv
+	return simtest.Inventory(t, profile)
 }
 
 // options parses a config document's sharing options.

@@ -9,6 +9,7 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/podresources"
 	"github.com/gpu-plugin/gpu-plugin/internal/sim"
+	"github.com/gpu-plugin/gpu-plugin/internal/simtest"
 	"github.com/gpu-plugin/gpu-plugin/internal/telemetry"
 	"github.com/gpu-plugin/gpu-plugin/internal/telemetry/nvmlbackend"
 )
@@ -16,7 +17,7 @@ import (
 // simEnv is the exporter on a simulated node, through the production NVML
 // backend and the simulator's real code path, on a manual clock.
 type simEnv struct {
-	clk       *clock
+	clk       *simtest.Clock
 	node      *sim.Node
 	lib       *nvml.Library
 	inv       *nvml.Inventory

@@ -1,0 +1,65 @@
+// Package simtest holds test helpers over the simulator, shared by the
+// packages' tests: an inventory scanned from a profile through the
+// production scanner, and a manual clock.
+package simtest
+
+import (
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
+	"github.com/gpu-plugin/gpu-plugin/internal/sim"
+)
+
+// Inventory scans a simulated node through the guarded NVML library and
+// the production scanner. profile is a built-in profile's name, a profile
+// file, or (when it holds a newline) a profile's YAML text.
+func Inventory(t testing.TB, profile string) *nvml.Inventory {
+	t.Helper()
+	var p *sim.Profile
+	var err error
+	if strings.Contains(profile, "\n") {
+		p, err = sim.ParseProfile("test", []byte(profile))
+	} else {
+		p, err = sim.LoadProfile(profile)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	lib, err := nvml.Open(sim.NewNode(p, nil).NVML())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lib.Close() })
+	inv, err := nvml.Scan(lib, nvml.ScanOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return inv
+}
+
+// Clock is a manual clock, safe for concurrent use: it moves only when
+// Advance is called.
+type Clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+// NewClock returns a clock reading start.
+func NewClock(start time.Time) *Clock { return &Clock{t: start} }
+
+// Now is the clock's time.
+func (c *Clock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+// Advance moves the clock forward by d.
+func (c *Clock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
