@@ -56,7 +56,19 @@ func start(t testing.TB, withKubelet bool, args ...string) *running {
 		t.Cleanup(k.Stop)
 		r.kubelet = k
 	}
-	d, err := daemon.New(loadConfig(t, r.dir, args...), slog.New(slog.DiscardHandler))
+	r.run(t, slog.New(slog.DiscardHandler), args...)
+	// Wait for the listener to be bound (Run binds it first).
+	deadline := time.Now().Add(5 * time.Second)
+	for r.d.Addr() == "" && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	return r
+}
+
+// run starts a daemon in r.dir, running until the test ends.
+func (r *running) run(t testing.TB, log *slog.Logger, args ...string) {
+	t.Helper()
+	d, err := daemon.New(loadConfig(t, r.dir, args...), log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -71,12 +83,6 @@ func start(t testing.TB, withKubelet bool, args ...string) *running {
 		}
 		d.Close()
 	})
-	// Wait for the listener to be bound (Run binds it first).
-	deadline := time.Now().Add(5 * time.Second)
-	for d.Addr() == "" && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
-	return r
 }
 
 func get(t testing.TB, url string) (int, string) {

@@ -200,21 +200,7 @@ func TestTelemetryBackendChoice(t *testing.T) {
 func startLogged(t *testing.T, logs io.Writer, args ...string) *running {
 	t.Helper()
 	r := &running{dir: socketDir(t), done: make(chan error, 1)}
-	d, err := daemon.New(loadConfig(t, r.dir, args...), slog.New(slog.NewTextHandler(logs, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.d = d
-	ctx, cancel := context.WithCancel(context.Background())
-	r.cancel = cancel
-	go func() { r.done <- d.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-r.done; err != nil {
-			t.Errorf("daemon Run: %v", err)
-		}
-		d.Close()
-	})
+	r.run(t, slog.New(slog.NewTextHandler(logs, nil)), args...)
 	return r
 }
 
