@@ -21,7 +21,7 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/plugin"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
-	"github.com/gpu-plugin/gpu-plugin/internal/sim"
+	"github.com/gpu-plugin/gpu-plugin/internal/simtest"
 )
 
 const gpuResource = sharing.DefaultResourceName
@@ -44,20 +44,7 @@ func defaultRespond() plugin.ResponseOptions {
 
 func inventory(t testing.TB, profile string) *nvml.Inventory {
 	t.Helper()
-	p, err := sim.LoadProfile(profile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	lib, err := nvml.Open(sim.NewNode(p, nil).NVML())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lib.Close() })
-	inv, err := nvml.Scan(lib, nvml.ScanOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return inv
+	return simtest.Inventory(t, profile)
 }
 
 // shortTempDir keeps socket paths under the 108-byte unix limit.
