@@ -242,7 +242,7 @@ func TestFaultsConfigFile(t *testing.T) {
 			if r := e.d.rl.config().Sharing.TimeSlicing.Resources; len(r) != 1 || r[0].Replicas != 2 {
 				t.Errorf("config in force after the file broke: time-slicing %+v, want 2 replicas", r)
 			}
-			if n := e.logs.count("config reload rejected; the previous configuration stays in force"); n != 2 {
+			if n := e.logs.Count("config reload rejected; the previous configuration stays in force"); n != 2 {
 				t.Errorf("rejections logged %d times, want 2 (the change and the SIGHUP)", n)
 			}
 			if err := testutil.CollectAndCompare(e.d.rl, strings.NewReader(`

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 // BenchmarkReloadLatency measures a config change from the file's rename
@@ -30,7 +31,7 @@ func BenchmarkReloadLatency(b *testing.B) {
 				b.Fatal(err)
 			}
 			b.Cleanup(func() { os.RemoveAll(dir) })
-			e := &rlEnv{t: b, dir: dir, cfgPath: dir + "/config.yaml", logs: &lockedBuffer{}, debounce: debounce}
+			e := &rlEnv{t: b, dir: dir, cfgPath: dir + "/config.yaml", logs: &testkit.Buffer{}, debounce: debounce}
 			e.write(tsConfig)
 			e.start("dgx-h100")
 			e.waitCapacity("nvidia.com/gpu", 16, 16)

@@ -1,7 +1,6 @@
 package daemon
 
 import (
-	"bytes"
 	"context"
 	"io"
 	"log/slog"
@@ -10,7 +9,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -21,31 +19,8 @@ import (
 
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/fakekubelet"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
-
-// lockedBuffer collects log output written from the daemon's goroutines.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-func (l *lockedBuffer) count(s string) int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return strings.Count(l.b.String(), s)
-}
 
 // rlEnv is a daemon on a simulated node with a config file, serving a
 // stand-in kubelet over real unix sockets.
@@ -55,7 +30,7 @@ type rlEnv struct {
 	k       *fakekubelet.Kubelet
 	dir     string // the device-plugin directory
 	cfgPath string
-	logs    *lockedBuffer
+	logs    *testkit.Buffer
 	// debounce overrides the reload debounce (default 20 ms in tests).
 	debounce time.Duration
 }
@@ -71,7 +46,7 @@ func startReloadEnv(t testing.TB, profile, configDoc string, args ...string) *rl
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	e := &rlEnv{t: t, dir: dir, cfgPath: filepath.Join(t.TempDir(), "config.yaml"), logs: &lockedBuffer{}}
+	e := &rlEnv{t: t, dir: dir, cfgPath: filepath.Join(t.TempDir(), "config.yaml"), logs: &testkit.Buffer{}}
 	e.write(configDoc)
 	return e.start(profile, args...)
 }
@@ -257,8 +232,8 @@ func TestReloadValidInvalidValid(t *testing.T) {
 	e.d.rl.stats.mu.Unlock()
 	e.write(bad) // the same content again: not re-evaluated, not re-logged
 	e.waitStatus("the unchanged check", func(_ ReloadStatus, checks uint64) bool { return checks > checked })
-	if st := e.d.ReloadStatus(); st.Failures != 1 || e.logs.count("config reload rejected") != 1 {
-		t.Errorf("the same invalid file was counted %d times and logged %d times; want once each", st.Failures, e.logs.count("config reload rejected"))
+	if st := e.d.ReloadStatus(); st.Failures != 1 || e.logs.Count("config reload rejected") != 1 {
+		t.Errorf("the same invalid file was counted %d times and logged %d times; want once each", st.Failures, e.logs.Count("config reload rejected"))
 	}
 	if c, a := e.k.Capacity("nvidia.com/gpu"); c != 16 || a != 14 {
 		t.Errorf("after an invalid config the old one must stay: capacity %d/%d, want 16/14", c, a)
@@ -398,7 +373,7 @@ func TestReloadConfigMapSymlinkSwap(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	e := (&rlEnv{t: t, dir: dir, cfgPath: filepath.Join(mount, "config.yaml"), logs: &lockedBuffer{}}).start("dgx-h100")
+	e := (&rlEnv{t: t, dir: dir, cfgPath: filepath.Join(mount, "config.yaml"), logs: &testkit.Buffer{}}).start("dgx-h100")
 	e.waitCapacity("nvidia.com/gpu", 16, 16)
 	for i, replicas := range []string{"3", "5", "2"} {
 		publish(strings.Replace(tsConfig, "replicas: 2", "replicas: "+replicas, 1))
@@ -524,7 +499,7 @@ func TestRescanKeepsWhatTheStrategyCannotAdvertise(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.waitStatus("two refused re-scans", func(s ReloadStatus, _ uint64) bool { return s.Rescans["failure"] >= 2 })
-	if n := e.logs.count("cannot be advertised under the current config"); n != 1 {
+	if n := e.logs.Count("cannot be advertised under the current config"); n != 1 {
 		t.Errorf("the refused layout was logged %d times; want once", n)
 	}
 	if c, a := e.k.Capacity("nvidia.com/gpu"); c != 4 || a != 4 {
@@ -644,7 +619,7 @@ func TestChangeBeforeWatchStarts(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	e := &rlEnv{t: t, dir: dir, cfgPath: filepath.Join(t.TempDir(), "config.yaml"), logs: &lockedBuffer{}}
+	e := &rlEnv{t: t, dir: dir, cfgPath: filepath.Join(t.TempDir(), "config.yaml"), logs: &testkit.Buffer{}}
 	e.write("version: v1\n")
 	k, err := fakekubelet.Start(dir, nil)
 	if err != nil {

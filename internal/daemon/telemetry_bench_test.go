@@ -23,6 +23,7 @@ import (
 	fake "github.com/gpu-plugin/gpu-plugin/internal/podresources/fakepodresources"
 	"github.com/gpu-plugin/gpu-plugin/internal/sim"
 	"github.com/gpu-plugin/gpu-plugin/internal/telemetry"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 // migNode is the benchmark node: 8 A100s with 7 MIG devices each.
@@ -158,7 +159,7 @@ func BenchmarkDaemonRSS(b *testing.B) {
 		addr := freeLoopbackAddr(b)
 		cmd := exec.Command(bin, "--simulate="+profile, "--mig-strategy=mixed", "--kubelet-socket-dir="+kdir,
 			"--metrics-address="+addr, "--pod-resources-socket="+socket, "--node-labels=false", "--node-name=bench")
-		var logs syncBuffer
+		var logs testkit.Buffer
 		cmd.Stdout, cmd.Stderr = &logs, &logs
 		if err := cmd.Start(); err != nil {
 			b.Fatal(err)

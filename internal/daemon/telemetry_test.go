@@ -14,7 +14,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -25,6 +24,7 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/podresources"
 	fake "github.com/gpu-plugin/gpu-plugin/internal/podresources/fakepodresources"
 	"github.com/gpu-plugin/gpu-plugin/internal/telemetry"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 // podResources starts a stand-in for the kubelet's pod-resources API.
@@ -177,7 +177,7 @@ func TestTelemetryBackendChoice(t *testing.T) {
 			if tc.backend == "dcgm" && libdcgmInstalled() {
 				t.Skip("libdcgm.so.4 is installed: DCGM would initialise here")
 			}
-			var logs syncBuffer
+			var logs testkit.Buffer
 			r := startLogged(t, &logs, "--simulate=pcie-l4x4", "--telemetry-backend="+tc.backend, "--pod-resources-socket=")
 			if tc.dcgmMetrics {
 				waitSample(t, r.d, "a first sample", func(*telemetry.Snapshot) bool { return true })
@@ -294,7 +294,7 @@ scrape_configs:
 		t.Fatal(err)
 	}
 	promAddr := freeLoopbackAddr(t)
-	var promLog syncBuffer
+	var promLog testkit.Buffer
 	cmd := exec.Command(bin, "--config.file="+promCfg, "--storage.tsdb.path="+filepath.Join(dir, "data"),
 		"--web.listen-address="+promAddr, "--log.level=warn")
 	cmd.Stdout, cmd.Stderr = &promLog, &promLog
@@ -372,24 +372,6 @@ scrape_configs:
 	if m := meta.Data["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"]; len(m) != 1 || m[0].Type != "counter" || m[0].Help != "Total energy consumption since boot (in mJ)." {
 		t.Errorf("Prometheus' metadata for the energy counter: %+v, want type counter and dcgm-exporter's help", m)
 	}
-}
-
-// syncBuffer is a log sink safe for the daemon's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func freeLoopbackAddr(t testing.TB) string {

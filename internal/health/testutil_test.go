@@ -14,7 +14,7 @@ import (
 
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/sim"
-	"github.com/gpu-plugin/gpu-plugin/internal/simtest"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 // mockNode is go-nvml's dgxa100 mock server with an event set fed from a
@@ -100,8 +100,8 @@ func (n *mockNode) xid(i int, code uint64) {
 }
 
 // newFakeClock is a settable clock for quiet periods.
-func newFakeClock() *simtest.Clock {
-	return simtest.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+func newFakeClock() *testkit.Clock {
+	return testkit.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
 }
 
 // running is a monitor running in the background until the test ends.

@@ -11,12 +11,12 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/labels"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
-	"github.com/gpu-plugin/gpu-plugin/internal/simtest"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 func build(t *testing.T, profile, doc string) (*nvml.Inventory, []*sharing.Resource, string) {
 	t.Helper()
-	inv := simtest.Inventory(t, profile)
+	inv := testkit.Inventory(t, profile)
 	c, err := config.Parse([]byte("version: v1\n" + doc))
 	if err != nil {
 		t.Fatal(err)

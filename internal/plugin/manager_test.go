@@ -21,7 +21,7 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/plugin"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
-	"github.com/gpu-plugin/gpu-plugin/internal/simtest"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 const gpuResource = sharing.DefaultResourceName
@@ -44,7 +44,7 @@ func defaultRespond() plugin.ResponseOptions {
 
 func inventory(t testing.TB, profile string) *nvml.Inventory {
 	t.Helper()
-	return simtest.Inventory(t, profile)
+	return testkit.Inventory(t, profile)
 }
 
 // shortTempDir keeps socket paths under the 108-byte unix limit.

@@ -1,14 +1,12 @@
 package podresources_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,6 +16,7 @@ import (
 
 	"github.com/gpu-plugin/gpu-plugin/internal/podresources"
 	fake "github.com/gpu-plugin/gpu-plugin/internal/podresources/fakepodresources"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 // socketPath is a short path for a unix socket (t.TempDir can exceed the
@@ -50,27 +49,10 @@ func resolver() podresources.Resolver {
 	}
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // run starts a cache on socket and stops it when the test ends.
-func run(t *testing.T, socket string, interval time.Duration) (*podresources.Cache, *syncBuffer) {
+func run(t *testing.T, socket string, interval time.Duration) (*podresources.Cache, *testkit.Buffer) {
 	t.Helper()
-	logs := &syncBuffer{}
+	logs := &testkit.Buffer{}
 	c := podresources.New(podresources.Options{
 		Socket: socket, Interval: interval, Resolver: resolver,
 		Logger: slog.New(slog.NewTextHandler(logs, nil)),

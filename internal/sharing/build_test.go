@@ -11,14 +11,14 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
-	"github.com/gpu-plugin/gpu-plugin/internal/simtest"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 // scan builds the inventory of a built-in profile or of a profile document,
 // through the simulated NVML and the production scanner.
 func scan(t testing.TB, profile string) *nvml.Inventory {
 	t.Helper()
-	return simtest.Inventory(t, profile)
+	return testkit.Inventory(t, profile)
 }
 
 // options parses a config document's sharing options.

@@ -14,11 +14,11 @@ import (
 	gonvml "github.com/NVIDIA/go-nvml/pkg/nvml"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
-	"github.com/gpu-plugin/gpu-plugin/internal/simtest"
 	"github.com/gpu-plugin/gpu-plugin/internal/telemetry"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
-func newClock() *simtest.Clock { return simtest.NewClock(time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC)) }
+func newClock() *testkit.Clock { return testkit.NewClock(time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC)) }
 
 // fakeBackend answers with a fixed temperature per backend, so a test can
 // tell which backend a value came from.
@@ -102,7 +102,7 @@ func fakeInventory() *nvml.Inventory {
 	}}
 }
 
-func newSampler(t *testing.T, clk *simtest.Clock, sel telemetry.Selection, logs *bytes.Buffer) *telemetry.Sampler {
+func newSampler(t *testing.T, clk *testkit.Clock, sel telemetry.Selection, logs *bytes.Buffer) *telemetry.Sampler {
 	t.Helper()
 	inv := fakeInventory()
 	var log *slog.Logger

@@ -9,15 +9,15 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/podresources"
 	"github.com/gpu-plugin/gpu-plugin/internal/sim"
-	"github.com/gpu-plugin/gpu-plugin/internal/simtest"
 	"github.com/gpu-plugin/gpu-plugin/internal/telemetry"
 	"github.com/gpu-plugin/gpu-plugin/internal/telemetry/nvmlbackend"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 // simEnv is the exporter on a simulated node, through the production NVML
 // backend and the simulator's real code path, on a manual clock.
 type simEnv struct {
-	clk       *simtest.Clock
+	clk       *testkit.Clock
 	node      *sim.Node
 	lib       *nvml.Library
 	inv       *nvml.Inventory

@@ -1,9 +1,10 @@
-// Package simtest holds test helpers over the simulator, shared by the
-// packages' tests: an inventory scanned from a profile through the
-// production scanner, and a manual clock.
-package simtest
+// Package testkit holds helpers shared by the packages' tests: an
+// inventory scanned from a simulated profile through the production
+// scanner, a manual clock, and a log buffer safe for concurrent writers.
+package testkit
 
 import (
+	"bytes"
 	"strings"
 	"sync"
 	"testing"
@@ -63,3 +64,25 @@ func (c *Clock) Advance(d time.Duration) {
 	defer c.mu.Unlock()
 	c.t = c.t.Add(d)
 }
+
+// Buffer collects output (a logger's) written from many goroutines.
+type Buffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *Buffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+// String is everything written so far.
+func (b *Buffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+// Count is how many times s occurs in what was written.
+func (b *Buffer) Count(s string) int { return strings.Count(b.String(), s) }
