@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"path"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -168,8 +169,17 @@ func printInventory(w io.Writer, inv *nvml.Inventory, h map[string]health.Status
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%d MiB\t%s\t%s\n", g.Index, g.Name, g.UUID, g.PCIBusID, numa,
 			g.ComputeCapability, g.MemoryBytes>>20, mig, healthOf(g.UUID))
 		for _, m := range g.MIGDevices {
-			fmt.Fprintf(tw, "  %d:%d\tMIG %s\t%s\tGI %d CI %d\t\t\t%d MiB\t\t%s\n", g.Index, m.Index, m.Profile, m.UUID,
-				m.GPUInstanceID, m.ComputeInstanceID, m.MemoryBytes>>20, healthOf(m.UUID))
+			// The MIG column of a MIG device names its /dev/nvidia-caps nodes.
+			caps := "no caps"
+			if len(m.CapDevicePaths) > 0 {
+				names := make([]string, len(m.CapDevicePaths))
+				for i, p := range m.CapDevicePaths {
+					names[i] = path.Base(p)
+				}
+				caps = strings.Join(names, ",")
+			}
+			fmt.Fprintf(tw, "  %d:%d\tMIG %s\t%s\tGI %d CI %d\t\t\t%d MiB\t%s\t%s\n", g.Index, m.Index, m.Profile, m.UUID,
+				m.GPUInstanceID, m.ComputeInstanceID, m.MemoryBytes>>20, caps, healthOf(m.UUID))
 		}
 	}
 	if err := tw.Flush(); err != nil {

@@ -26,7 +26,8 @@ const Kind = Vendor + "/" + Class
 
 // BuildSpec describes every identified GPU and MIG device twice, under its
 // UUID and under its index name ("0", "0:1"), so either device ID strategy
-// resolves. Each device carries its /dev/nvidia<minor> node; the control
+// resolves. Each device carries its /dev/nvidia<minor> node, a MIG device
+// also its GPU and compute instances' /dev/nvidia-caps nodes; the control
 // nodes every GPU container needs are common edits. Host paths are under
 // devRoot.
 //
@@ -43,10 +44,14 @@ func BuildSpec(inv *nvml.Inventory, devRoot string) (*specs.Spec, error) {
 			DeviceNodes: []*specs.DeviceNode{node("/dev/nvidiactl"), node("/dev/nvidia-uvm"), node("/dev/nvidia-uvm-tools")},
 		},
 	}
-	add := func(names []string, g *nvml.GPU) {
+	add := func(names []string, g *nvml.GPU, caps []string) {
 		edits := specs.ContainerEdits{}
 		if g.Minor >= 0 {
 			edits.DeviceNodes = []*specs.DeviceNode{node(fmt.Sprintf("/dev/nvidia%d", g.Minor))}
+		}
+		// A MIG device also needs its GPU and compute instances' caps.
+		for _, c := range caps {
+			edits.DeviceNodes = append(edits.DeviceNodes, node(c))
 		}
 		for _, n := range names {
 			spec.Devices = append(spec.Devices, specs.Device{Name: n, ContainerEdits: edits})
@@ -57,9 +62,9 @@ func BuildSpec(inv *nvml.Inventory, devRoot string) (*specs.Spec, error) {
 		if !g.Usable() {
 			continue
 		}
-		add([]string{g.UUID, strconv.Itoa(g.Index)}, g)
+		add([]string{g.UUID, strconv.Itoa(g.Index)}, g, nil)
 		for _, m := range g.MIGDevices {
-			add([]string{m.UUID, fmt.Sprintf("%d:%d", g.Index, m.Index)}, g)
+			add([]string{m.UUID, fmt.Sprintf("%d:%d", g.Index, m.Index)}, g, m.CapDevicePaths)
 		}
 	}
 	if len(spec.Devices) == 0 {

@@ -1,6 +1,7 @@
 package cdi_test
 
 import (
+	"slices"
 	"strings"
 	"testing"
 
@@ -49,20 +50,37 @@ func TestWrittenSpecResolves(t *testing.T) {
 		t.Fatalf("the runtime's CDI library rejects the spec: %v", errs)
 	}
 	mig := inv.GPUs[1].MIGDevices[2]
-	for _, name := range []string{
-		"k8s.device-plugin.nvidia.com/gpu=" + inv.GPUs[7].UUID,
-		"k8s.device-plugin.nvidia.com/gpu=7",
-		"k8s.device-plugin.nvidia.com/gpu=" + mig.UUID,
-		"k8s.device-plugin.nvidia.com/gpu=1:2",
+	// GPU 1's third MIG device is the simulator's GI 3, CI 0 on GPU minor
+	// 1: caps 3+135+3*9 and one more, as the driver numbers them.
+	migNodes := []string{"/dev/nvidia1", "/dev/nvidia-caps/nvidia-cap165", "/dev/nvidia-caps/nvidia-cap166"}
+	if !slices.Equal(mig.CapDevicePaths, migNodes[1:]) {
+		t.Fatalf("inventory caps of GPU 1 MIG 2: %v, want %v", mig.CapDevicePaths, migNodes[1:])
+	}
+	for _, tc := range []struct {
+		name  string
+		nodes []string
+	}{
+		{"k8s.device-plugin.nvidia.com/gpu=" + inv.GPUs[7].UUID, []string{"/dev/nvidia7"}},
+		{"k8s.device-plugin.nvidia.com/gpu=7", []string{"/dev/nvidia7"}},
+		{"k8s.device-plugin.nvidia.com/gpu=" + mig.UUID, migNodes},
+		{"k8s.device-plugin.nvidia.com/gpu=1:2", migNodes},
 	} {
-		d := cache.GetDevice(name)
+		d := cache.GetDevice(tc.name)
 		if d == nil {
-			t.Errorf("%s does not resolve", name)
+			t.Errorf("%s does not resolve", tc.name)
 			continue
 		}
-		nodes := d.ContainerEdits.DeviceNodes
-		if len(nodes) != 1 || !strings.HasPrefix(nodes[0].HostPath, "/run/nvidia/driver/dev/nvidia") {
-			t.Errorf("%s device nodes %+v", name, nodes)
+		var paths, hostPaths []string
+		for _, n := range d.ContainerEdits.DeviceNodes {
+			paths = append(paths, n.Path)
+			hostPaths = append(hostPaths, n.HostPath)
+		}
+		var wantHost []string
+		for _, p := range tc.nodes {
+			wantHost = append(wantHost, "/run/nvidia/driver"+p)
+		}
+		if !slices.Equal(paths, tc.nodes) || !slices.Equal(hostPaths, wantHost) {
+			t.Errorf("%s device nodes %v (host %v), want %v (host %v)", tc.name, paths, hostPaths, tc.nodes, wantHost)
 		}
 	}
 	if got := len(cache.ListDevices()); got != 2*(8+len(inv.GPUs[0].MIGDevices)+4+2+1+3) {

@@ -1,6 +1,7 @@
 package nvml
 
 import (
+	"bytes"
 	"fmt"
 	"log/slog"
 	"os"
@@ -66,6 +67,11 @@ type MIGDevice struct {
 	GPUInstanceID     int    `json:"gpuInstanceId"`
 	ComputeInstanceID int    `json:"computeInstanceId"`
 	MemoryBytes       uint64 `json:"memoryBytes"`
+	// CapDevicePaths are the GPU instance's and the compute instance's
+	// /dev/nvidia-caps/nvidia-cap<N> nodes (container paths), which a
+	// container needs besides the parent's /dev/nvidia<minor>; empty when
+	// the driver's mig-minors file could not be read (see the GPU's Problem).
+	CapDevicePaths []string `json:"capDevicePaths,omitempty"`
 }
 
 // Handle returns the NVML handle of a GPU or MIG device by UUID. Use it only
@@ -90,8 +96,13 @@ type ScanOptions struct {
 	// SysRoot is where sysfs is mounted ("/sys"); it supplies NUMA nodes when
 	// NVML cannot. Empty disables the fallback.
 	SysRoot string
-	Logger  *slog.Logger
-	Now     func() time.Time
+	// ProcRoot is where procfs is mounted; the MIG capability minors are
+	// read from ProcRoot/driver/nvidia-caps/mig-minors, only when a GPU has
+	// MIG on. Empty means /proc, unless the NVML interface is a
+	// MIGMinorsSource (a simulated node), which then supplies them.
+	ProcRoot string
+	Logger   *slog.Logger
+	Now      func() time.Time
 }
 
 // Scan builds the inventory. It fails only when the GPUs cannot be counted; a
@@ -125,6 +136,12 @@ func Scan(l *Library, opts ScanOptions) (*Inventory, error) {
 		return nil, fmt.Errorf("counting GPUs: %w", err)
 	}
 	devices := make([]gonvml.Device, count)
+	capsLoader := &migCapsLoader{load: func() (MIGCaps, error) {
+		if src, ok := lib.(MIGMinorsSource); ok && opts.ProcRoot == "" {
+			return ParseMIGMinors(bytes.NewReader(src.MIGMinors()))
+		}
+		return ReadMIGCaps(opts.ProcRoot)
+	}}
 	for i := 0; i < count; i++ {
 		gpu := GPU{Index: i, NUMANode: -1, Minor: -1}
 		dev, err := Call(l, "nvmlDeviceGetHandleByIndex", func() (gonvml.Device, gonvml.Return) {
@@ -132,7 +149,7 @@ func Scan(l *Library, opts ScanOptions) (*Inventory, error) {
 		})
 		if err == nil {
 			devices[i] = dev
-			err = describeGPU(l, dev, &gpu, opts.SysRoot, inv.handles)
+			err = describeGPU(l, dev, &gpu, opts.SysRoot, inv.handles, capsLoader)
 		}
 		if err != nil {
 			gpu.Lost = IsLost(err)
@@ -144,6 +161,8 @@ func Scan(l *Library, opts ScanOptions) (*Inventory, error) {
 				gpu.UUID = ""
 			}
 			log.Warn("GPU discovery failed", "index", i, "lost", gpu.Lost, "err", err)
+		} else if gpu.Problem != "" {
+			log.Warn("GPU discovered incompletely", "index", i, "uuid", gpu.UUID, "problem", gpu.Problem)
 		}
 		if gpu.UUID != "" && devices[i] != nil {
 			inv.handles[gpu.UUID] = devices[i]
@@ -156,7 +175,7 @@ func Scan(l *Library, opts ScanOptions) (*Inventory, error) {
 
 // describeGPU fills gpu from NVML. Identity calls are mandatory; the rest
 // fall back to "unknown" unless the GPU is lost.
-func describeGPU(l *Library, dev gonvml.Device, gpu *GPU, sysRoot string, handles map[string]gonvml.Device) error {
+func describeGPU(l *Library, dev gonvml.Device, gpu *GPU, sysRoot string, handles map[string]gonvml.Device, capsLoader *migCapsLoader) error {
 	uuid, err := Call(l, "nvmlDeviceGetUUID", dev.GetUUID)
 	if err != nil {
 		return err
@@ -209,7 +228,7 @@ func describeGPU(l *Library, dev gonvml.Device, gpu *GPU, sysRoot string, handle
 	} else {
 		gpu.NUMANode = sysfsNUMANode(sysRoot, gpu.PCIBusID)
 	}
-	return describeMIG(l, dev, gpu, handles)
+	return describeMIG(l, dev, gpu, handles, capsLoader)
 }
 
 // busID returns the PCI bus ID NVML reports, in NVML's 8-digit-domain form.

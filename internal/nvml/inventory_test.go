@@ -314,7 +314,7 @@ func TestInventoryMockMIG(t *testing.T) {
 func TestMIGProfileName(t *testing.T) {
 	const gib = 1 << 30
 	tests := []struct {
-		id                 int
+		index              int // NVML_GPU_INSTANCE_PROFILE_*, not the driver's ID
 		giSlices, ciSlices uint32
 		memMiB             uint64
 		parentBytes        uint64
@@ -328,12 +328,14 @@ func TestMIGProfileName(t *testing.T) {
 		{gonvml.GPU_INSTANCE_PROFILE_1_SLICE_REV1, 1, 1, 4864, 40 * gib, "1g.5gb+me"},
 		{gonvml.GPU_INSTANCE_PROFILE_2_SLICE, 2, 1, 19968, 80 * gib, "1c.2g.20gb"},
 		{gonvml.GPU_INSTANCE_PROFILE_1_SLICE_NO_ME, 1, 1, 10240, 80 * gib, "1g.10gb-me"},
+		{gonvml.GPU_INSTANCE_PROFILE_1_SLICE_ALL_ME, 1, 1, 9856, 80 * gib, "1g.10gb+me.all"},
+		{gonvml.GPU_INSTANCE_PROFILE_2_SLICE_GFX, 2, 2, 19968, 80 * gib, "2g.20gb+gfx"},
 		{gonvml.GPU_INSTANCE_PROFILE_1_SLICE, 1, 1, 4096, 0, "1g.4gb"},
 	}
 	for _, tc := range tests {
-		if got := nvml.MIGProfileName(tc.id, tc.giSlices, tc.ciSlices, tc.memMiB, tc.parentBytes); got != tc.want {
-			t.Errorf("MIGProfileName(id %d, %d/%d slices, %d MiB of %d GiB) = %q, want %q",
-				tc.id, tc.giSlices, tc.ciSlices, tc.memMiB, tc.parentBytes/gib, got, tc.want)
+		if got := nvml.MIGProfileName(tc.index, tc.giSlices, tc.ciSlices, tc.memMiB, tc.parentBytes); got != tc.want {
+			t.Errorf("MIGProfileName(index %d, %d/%d slices, %d MiB of %d GiB) = %q, want %q",
+				tc.index, tc.giSlices, tc.ciSlices, tc.memMiB, tc.parentBytes/gib, got, tc.want)
 		}
 	}
 }

@@ -3,13 +3,102 @@ package nvml
 import (
 	"fmt"
 	"math"
+	"strings"
 
 	gonvml "github.com/NVIDIA/go-nvml/pkg/nvml"
 )
 
+// A GPU instance reports its profile by ID (nvmlGpuInstanceInfo_t.profileId,
+// the ID `nvidia-smi mig -lgip` shows: 19 for an A100's 1g.5gb), but
+// nvmlDeviceGetGpuInstanceProfileInfo takes a profile index
+// (NVML_GPU_INSTANCE_PROFILE_1_SLICE = 0 for the same profile). The two
+// differ on every MIG-capable GPU, so a profile is found by asking for every
+// index and matching the ID, and names and suffixes come from the matched
+// index. Compute-instance profiles are looked up the same way.
+
+// giProfile is one GPU-instance profile of a GPU: its index (the
+// NVML_GPU_INSTANCE_PROFILE_* constant) and what NVML says about it.
+type giProfile struct {
+	index int
+	info  gonvml.GpuInstanceProfileInfo
+}
+
+// migProfiles caches one GPU's profile tables for the length of a scan.
+type migProfiles struct {
+	l   *Library
+	dev gonvml.Device
+	gi  map[uint32]giProfile // by profile ID; nil until loaded
+	// ci maps a GPU-instance profile ID to its compute-instance profiles
+	// by CI profile ID.
+	ci map[uint32]map[uint32]gonvml.ComputeInstanceProfileInfo
+}
+
+// gpuInstanceProfile finds the GPU-instance profile with the given ID.
+func (p *migProfiles) gpuInstanceProfile(id uint32) (giProfile, error) {
+	if p.gi == nil {
+		p.gi = map[uint32]giProfile{}
+		for index := 0; index < gonvml.GPU_INSTANCE_PROFILE_COUNT; index++ {
+			info, err := Call(p.l, "nvmlDeviceGetGpuInstanceProfileInfo", func() (gonvml.GpuInstanceProfileInfo, gonvml.Return) {
+				return p.dev.GetGpuInstanceProfileInfo(index)
+			})
+			if err != nil {
+				if IsLost(err) {
+					p.gi = nil
+					return giProfile{}, err
+				}
+				continue // a profile this GPU does not have
+			}
+			if _, dup := p.gi[info.Id]; !dup {
+				p.gi[info.Id] = giProfile{index: index, info: info}
+			}
+		}
+	}
+	prof, ok := p.gi[id]
+	if !ok {
+		p.l.countFailure("nvmlDeviceGetGpuInstanceProfileInfo")
+		p.l.errors.Add(1)
+		return prof, fmt.Errorf("no GPU-instance profile has ID %d (the GPU lists %d profiles): the driver and NVML disagree; check `nvidia-smi mig -lgip`", id, len(p.gi))
+	}
+	return prof, nil
+}
+
+// computeInstanceSlices returns the slice count of the compute-instance
+// profile with the given ID inside gi, whose GPU-instance profile is giID.
+func (p *migProfiles) computeInstanceSlices(gi gonvml.GpuInstance, giID, ciID uint32) (uint32, error) {
+	table, ok := p.ci[giID]
+	if !ok {
+		table = map[uint32]gonvml.ComputeInstanceProfileInfo{}
+		for index := 0; index < gonvml.COMPUTE_INSTANCE_PROFILE_COUNT; index++ {
+			info, err := Call(p.l, "nvmlGpuInstanceGetComputeInstanceProfileInfo", func() (gonvml.ComputeInstanceProfileInfo, gonvml.Return) {
+				return gi.GetComputeInstanceProfileInfo(index, gonvml.COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED)
+			})
+			if err != nil {
+				if IsLost(err) {
+					return 0, err
+				}
+				continue
+			}
+			if _, dup := table[info.Id]; !dup {
+				table[info.Id] = info
+			}
+		}
+		if p.ci == nil {
+			p.ci = map[uint32]map[uint32]gonvml.ComputeInstanceProfileInfo{}
+		}
+		p.ci[giID] = table
+	}
+	info, ok := table[ciID]
+	if !ok {
+		p.l.countFailure("nvmlGpuInstanceGetComputeInstanceProfileInfo")
+		p.l.errors.Add(1)
+		return 0, fmt.Errorf("no compute-instance profile has ID %d in GPU-instance profile %d: check `nvidia-smi mig -lcip`", ciID, giID)
+	}
+	return info.SliceCount, nil
+}
+
 // describeMIG reads the MIG mode and, when MIG is on, every MIG device, the
 // way real NVML exposes them: by slot index under the parent.
-func describeMIG(l *Library, dev gonvml.Device, gpu *GPU, handles map[string]gonvml.Device) error {
+func describeMIG(l *Library, dev gonvml.Device, gpu *GPU, handles map[string]gonvml.Device, capsLoader *migCapsLoader) error {
 	current, _, err := Call2(l, "nvmlDeviceGetMigMode", dev.GetMigMode)
 	if err != nil {
 		if IsLost(err) {
@@ -26,6 +115,12 @@ func describeMIG(l *Library, dev gonvml.Device, gpu *GPU, handles map[string]gon
 	if err != nil {
 		return migErr(gpu, err)
 	}
+	profiles := &migProfiles{l: l, dev: dev}
+	var problems []string
+	caps, err := capsLoader.get()
+	if err != nil {
+		problems = append(problems, err.Error())
+	}
 	for slot := 0; slot < slots; slot++ {
 		mig, err := Call(l, "nvmlDeviceGetMigDeviceHandleByIndex", func() (gonvml.Device, gonvml.Return) {
 			return dev.GetMigDeviceHandleByIndex(slot)
@@ -36,17 +131,31 @@ func describeMIG(l *Library, dev gonvml.Device, gpu *GPU, handles map[string]gon
 			}
 			continue // an empty slot answers NOT_FOUND
 		}
-		m, err := describeMIGDevice(l, dev, mig, gpu.MemoryBytes)
+		m, err := describeMIGDevice(l, dev, mig, gpu.MemoryBytes, profiles)
 		if err != nil {
 			if IsLost(err) {
 				return err
 			}
-			gpu.Problem = fmt.Sprintf("MIG device in slot %d: %v", slot, err)
+			problems = append(problems, fmt.Sprintf("MIG device in slot %d: %v", slot, err))
 			continue
 		}
 		m.Index = len(gpu.MIGDevices)
+		switch {
+		case caps == nil:
+		case gpu.Minor < 0:
+			problems = append(problems, fmt.Sprintf("MIG device %s: no caps without the GPU's device minor", m.UUID))
+		default:
+			paths, err := caps.DevicePaths(gpu.Minor, m.GPUInstanceID, m.ComputeInstanceID)
+			if err != nil {
+				problems = append(problems, fmt.Sprintf("MIG device %s: %v", m.UUID, err))
+			}
+			m.CapDevicePaths = paths
+		}
 		gpu.MIGDevices = append(gpu.MIGDevices, m)
 		handles[m.UUID] = mig
+	}
+	if len(problems) > 0 {
+		gpu.Problem = strings.Join(problems, "; ")
 	}
 	return nil
 }
@@ -59,7 +168,7 @@ func migErr(gpu *GPU, err error) error {
 	return nil
 }
 
-func describeMIGDevice(l *Library, parent, mig gonvml.Device, parentMemory uint64) (MIGDevice, error) {
+func describeMIGDevice(l *Library, parent, mig gonvml.Device, parentMemory uint64, profiles *migProfiles) (MIGDevice, error) {
 	var m MIGDevice
 	var err error
 	if m.UUID, err = Call(l, "nvmlDeviceGetUUID", mig.GetUUID); err != nil {
@@ -73,6 +182,8 @@ func describeMIGDevice(l *Library, parent, mig gonvml.Device, parentMemory uint6
 	}
 	if mem, err := Call(l, "nvmlDeviceGetMemoryInfo", mig.GetMemoryInfo); err == nil {
 		m.MemoryBytes = mem.Total
+	} else if IsLost(err) {
+		return m, err
 	}
 	gi, err := Call(l, "nvmlDeviceGetGpuInstanceById", func() (gonvml.GpuInstance, gonvml.Return) {
 		return parent.GetGpuInstanceById(m.GPUInstanceID)
@@ -84,28 +195,28 @@ func describeMIGDevice(l *Library, parent, mig gonvml.Device, parentMemory uint6
 	if err != nil {
 		return m, err
 	}
-	giProfile, err := Call(l, "nvmlDeviceGetGpuInstanceProfileInfo", func() (gonvml.GpuInstanceProfileInfo, gonvml.Return) {
-		return parent.GetGpuInstanceProfileInfo(int(giInfo.ProfileId))
+	prof, err := profiles.gpuInstanceProfile(giInfo.ProfileId)
+	if err != nil {
+		return m, err
+	}
+	ciSlices := prof.info.SliceCount
+	ci, err := Call(l, "nvmlGpuInstanceGetComputeInstanceById", func() (gonvml.ComputeInstance, gonvml.Return) {
+		return gi.GetComputeInstanceById(m.ComputeInstanceID)
 	})
 	if err != nil {
 		return m, err
 	}
-	ciSlices := giProfile.SliceCount
-	if ci, err := Call(l, "nvmlGpuInstanceGetComputeInstanceById", func() (gonvml.ComputeInstance, gonvml.Return) {
-		return gi.GetComputeInstanceById(m.ComputeInstanceID)
-	}); err == nil {
-		if ciInfo, err := Call(l, "nvmlComputeInstanceGetInfo", ci.GetInfo); err == nil {
-			if p, err := Call(l, "nvmlGpuInstanceGetComputeInstanceProfileInfo", func() (gonvml.ComputeInstanceProfileInfo, gonvml.Return) {
-				return gi.GetComputeInstanceProfileInfo(int(ciInfo.ProfileId), gonvml.COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED)
-			}); err == nil {
-				ciSlices = p.SliceCount
-			}
-		}
+	ciInfo, err := Call(l, "nvmlComputeInstanceGetInfo", ci.GetInfo)
+	if err != nil {
+		return m, err
+	}
+	if ciSlices, err = profiles.computeInstanceSlices(gi, giInfo.ProfileId, ciInfo.ProfileId); err != nil {
+		return m, err
 	}
 	if m.MemoryBytes == 0 {
-		m.MemoryBytes = giProfile.MemorySizeMB << 20
+		m.MemoryBytes = prof.info.MemorySizeMB << 20
 	}
-	m.Profile = MIGProfileName(int(giProfile.Id), giProfile.SliceCount, ciSlices, giProfile.MemorySizeMB, parentMemory)
+	m.Profile = MIGProfileName(prof.index, prof.info.SliceCount, ciSlices, prof.info.MemorySizeMB, parentMemory)
 	return m, nil
 }
 
@@ -113,11 +224,13 @@ func describeMIGDevice(l *Library, parent, mig gonvml.Device, parentMemory uint6
 // plugin's resource names do: "<g>g.<gb>gb", "<c>c.<g>g.<gb>gb" when the
 // compute instance uses fewer slices than its GPU instance, plus the
 // media-engine or graphics suffix of the GPU-instance profile ("+me").
+// giProfileIndex is the profile's index (NVML_GPU_INSTANCE_PROFILE_*), not
+// its ID.
 //
 // The GB figure is the profile's share of the whole GPU, rounded up to an
 // eighth, times the GPU's memory in whole GB: that is what makes a 4864 MiB
 // slice of a 40 GiB A100 a "5gb" profile and a 9856 MiB one a "10gb".
-func MIGProfileName(giProfileID int, giSlices, ciSlices uint32, memoryMiB, parentMemoryBytes uint64) string {
+func MIGProfileName(giProfileIndex int, giSlices, ciSlices uint32, memoryMiB, parentMemoryBytes uint64) string {
 	gb := memoryMiB / 1024
 	if parentMemoryBytes > 0 {
 		share := float64(memoryMiB<<20) / float64(parentMemoryBytes)
@@ -129,11 +242,12 @@ func MIGProfileName(giProfileID int, giSlices, ciSlices uint32, memoryMiB, paren
 	if ciSlices > 0 && ciSlices < giSlices {
 		name = fmt.Sprintf("%dc.%s", ciSlices, name)
 	}
-	return name + migProfileSuffix(giProfileID)
+	return name + migProfileSuffix(giProfileIndex)
 }
 
-func migProfileSuffix(id int) string {
-	switch id {
+// migProfileSuffix is the suffix of a GPU-instance profile index.
+func migProfileSuffix(index int) string {
+	switch index {
 	case gonvml.GPU_INSTANCE_PROFILE_1_SLICE_REV1, gonvml.GPU_INSTANCE_PROFILE_2_SLICE_REV1:
 		return "+me"
 	case gonvml.GPU_INSTANCE_PROFILE_1_SLICE_ALL_ME, gonvml.GPU_INSTANCE_PROFILE_2_SLICE_ALL_ME:

@@ -22,14 +22,14 @@ type model struct {
 }
 
 var models = []model{
-	{key: "A100-SXM4-40GB", config: renamed(gpus.A100_SXM4_40GB, "NVIDIA A100-SXM4-40GB"), smClockMHz: 1410, memClockMHz: 1215, idlePowerW: 55},
-	{key: "A100-SXM4-80GB", config: gpus.A100_SXM4_80GB, smClockMHz: 1410, memClockMHz: 1593, idlePowerW: 60},
-	{key: "A100-PCIE-40GB", config: gpus.A100_PCIE_40GB, smClockMHz: 1410, memClockMHz: 1215, idlePowerW: 35},
-	{key: "A100-PCIE-80GB", config: gpus.A100_PCIE_80GB, smClockMHz: 1410, memClockMHz: 1512, idlePowerW: 40},
-	{key: "A30-PCIE-24GB", config: gpus.A30_PCIE_24GB, smClockMHz: 1440, memClockMHz: 1215, idlePowerW: 30},
-	{key: "H100-SXM5-80GB", config: gpus.H100_SXM5_80GB, smClockMHz: 1980, memClockMHz: 2619, idlePowerW: 70},
-	{key: "H200-SXM5-141GB", config: gpus.H200_SXM5_141GB, smClockMHz: 1980, memClockMHz: 3201, idlePowerW: 75},
-	{key: "B200-SXM5-180GB", config: gpus.B200_SXM5_180GB, smClockMHz: 1965, memClockMHz: 3996, idlePowerW: 120},
+	{key: "A100-SXM4-40GB", config: driverIDs(renamed(gpus.A100_SXM4_40GB, "NVIDIA A100-SXM4-40GB"), ampereHopperIDs), smClockMHz: 1410, memClockMHz: 1215, idlePowerW: 55},
+	{key: "A100-SXM4-80GB", config: driverIDs(gpus.A100_SXM4_80GB, ampereHopperIDs), smClockMHz: 1410, memClockMHz: 1593, idlePowerW: 60},
+	{key: "A100-PCIE-40GB", config: driverIDs(gpus.A100_PCIE_40GB, ampereHopperIDs), smClockMHz: 1410, memClockMHz: 1215, idlePowerW: 35},
+	{key: "A100-PCIE-80GB", config: driverIDs(gpus.A100_PCIE_80GB, ampereHopperIDs), smClockMHz: 1410, memClockMHz: 1512, idlePowerW: 40},
+	{key: "A30-PCIE-24GB", config: driverIDs(gpus.A30_PCIE_24GB, a30IDs), smClockMHz: 1440, memClockMHz: 1215, idlePowerW: 30},
+	{key: "H100-SXM5-80GB", config: driverIDs(gpus.H100_SXM5_80GB, ampereHopperIDs), smClockMHz: 1980, memClockMHz: 2619, idlePowerW: 70},
+	{key: "H200-SXM5-141GB", config: driverIDs(gpus.H200_SXM5_141GB, ampereHopperIDs), smClockMHz: 1980, memClockMHz: 3201, idlePowerW: 75},
+	{key: "B200-SXM5-180GB", config: driverIDs(gpus.B200_SXM5_180GB, ampereHopperIDs), smClockMHz: 1965, memClockMHz: 3996, idlePowerW: 120},
 	{key: "V100-SXM2-16GB", config: gpus.Config{
 		Name: "Tesla V100-SXM2-16GB", Architecture: gonvml.DEVICE_ARCH_VOLTA, Brand: gonvml.BRAND_TESLA,
 		MemoryMB: 16384, CudaMajor: 7, CudaMinor: 0, PciDeviceId: 0x1DB110DE,
@@ -39,6 +39,54 @@ var models = []model{
 		MemoryMB: 23034, CudaMajor: 8, CudaMinor: 9, PciDeviceId: 0x27B810DE,
 	}, smClockMHz: 2040, memClockMHz: 6251, idlePowerW: 16},
 }
+
+// The driver's GPU-instance profile IDs (what nvmlGpuInstanceGetInfo
+// reports as profileId and `nvidia-smi mig -lgip` lists) by profile index
+// (NVML_GPU_INSTANCE_PROFILE_*). go-nvml's mock tables use the index as the
+// ID, which hides every index/ID mix-up; the simulator reports these IDs, as
+// the driver and ../shared/tools/fakenvml do. A100, H100, H200 and B200 share
+// one numbering (MIG user guide; fakenvml's README table); A30 has its own
+// (its `nvidia-smi mig -lgip`: 1g.6gb 14, 1g.6gb+me 21, 2g.12gb 5,
+// 2g.12gb+me 6, 4g.24gb 0).
+var (
+	ampereHopperIDs = map[int]uint32{
+		gonvml.GPU_INSTANCE_PROFILE_1_SLICE:      19,
+		gonvml.GPU_INSTANCE_PROFILE_1_SLICE_REV1: 20,
+		gonvml.GPU_INSTANCE_PROFILE_1_SLICE_REV2: 15,
+		gonvml.GPU_INSTANCE_PROFILE_2_SLICE:      14,
+		gonvml.GPU_INSTANCE_PROFILE_3_SLICE:      9,
+		gonvml.GPU_INSTANCE_PROFILE_4_SLICE:      5,
+		gonvml.GPU_INSTANCE_PROFILE_7_SLICE:      0,
+	}
+	a30IDs = map[int]uint32{
+		gonvml.GPU_INSTANCE_PROFILE_1_SLICE:      14,
+		gonvml.GPU_INSTANCE_PROFILE_1_SLICE_REV1: 21,
+		gonvml.GPU_INSTANCE_PROFILE_2_SLICE:      5,
+		gonvml.GPU_INSTANCE_PROFILE_2_SLICE_REV1: 6,
+		gonvml.GPU_INSTANCE_PROFILE_4_SLICE:      0,
+	}
+)
+
+// driverIDs returns c with its GPU-instance profiles carrying the driver's
+// IDs; the map is copied, never changed in place (it belongs to go-nvml).
+// A profile index without an ID is a programming error caught by the
+// package's tests (TestModelsUseDriverProfileIDs).
+func driverIDs(c gpus.Config, ids map[int]uint32) gpus.Config {
+	profiles := make(map[int]gonvml.GpuInstanceProfileInfo, len(c.MIGProfiles.GpuInstanceProfiles))
+	for index, info := range c.MIGProfiles.GpuInstanceProfiles {
+		id, ok := ids[index]
+		if !ok {
+			id = noDriverID
+		}
+		info.Id = id
+		profiles[index] = info
+	}
+	c.MIGProfiles.GpuInstanceProfiles = profiles
+	return c
+}
+
+// noDriverID marks a profile index missing from a driver ID table.
+const noDriverID = ^uint32(0)
 
 func renamed(c gpus.Config, name string) gpus.Config {
 	c.Name = name
@@ -59,12 +107,13 @@ func findModel(name string) (*model, error) {
 	return nil, fmt.Errorf("unknown GPU model %q (known: %s)", name, strings.Join(keys, ", "))
 }
 
-// migProfiles maps the model's MIG profile names to GPU-instance profile IDs.
+// migProfiles maps the model's MIG profile names to GPU-instance profile
+// indices (NVML_GPU_INSTANCE_PROFILE_*; the driver's IDs are in the infos).
 func (m *model) migProfiles() map[string]int {
 	out := map[string]int{}
-	for id, info := range m.config.MIGProfiles.GpuInstanceProfiles {
-		name := nvml.MIGProfileName(id, info.SliceCount, info.SliceCount, info.MemorySizeMB, m.config.MemoryMB<<20)
-		out[name] = id
+	for index, info := range m.config.MIGProfiles.GpuInstanceProfiles {
+		name := nvml.MIGProfileName(index, info.SliceCount, info.SliceCount, info.MemorySizeMB, m.config.MemoryMB<<20)
+		out[name] = index
 	}
 	return out
 }

@@ -142,7 +142,7 @@ func NewNode(p *Profile, now func() time.Time) *Node {
 }
 
 // NVML returns the simulated library.
-func (n *Node) NVML() gonvml.Interface { return simLibrary{n.lib} }
+func (n *Node) NVML() gonvml.Interface { return simLibrary{Interface: n.lib, gpus: len(n.spec.gpus)} }
 
 // Name is the profile's name.
 func (n *Node) Name() string { return n.spec.name }
@@ -397,7 +397,12 @@ func (n *Node) newDevice(g *simGPU) *mock.Device {
 		if !migCapable {
 			return 0, gonvml.ERROR_NOT_SUPPORTED
 		}
-		return value(n, i, "GetMaxMigDeviceCount", int(g.model.migSlices()))
+		// 0 while MIG is off, as NVML documents (and the fake library does).
+		most := 0
+		if n.migLayoutOf(i).enabled {
+			most = int(g.model.migSlices())
+		}
+		return value(n, i, "GetMaxMigDeviceCount", most)
 	}
 	d.GetMigDeviceHandleByIndexFunc = func(k int) (gonvml.Device, gonvml.Return) {
 		layout := n.migLayoutOf(i)
@@ -411,8 +416,13 @@ func (n *Node) newDevice(g *simGPU) *mock.Device {
 		}
 		return value[gonvml.Device](n, i, "GetMigDeviceHandleByIndex", layout.devs[k])
 	}
-	d.GetGpuInstanceProfileInfoFunc = func(id int) (gonvml.GpuInstanceProfileInfo, gonvml.Return) {
-		info, ok := cfg.MIGProfiles.GpuInstanceProfiles[id]
+	// Takes a profile index (NVML_GPU_INSTANCE_PROFILE_*) and answers the
+	// driver's profile ID in the info, as NVML does.
+	d.GetGpuInstanceProfileInfoFunc = func(index int) (gonvml.GpuInstanceProfileInfo, gonvml.Return) {
+		if index < 0 || index >= gonvml.GPU_INSTANCE_PROFILE_COUNT {
+			return gonvml.GpuInstanceProfileInfo{}, gonvml.ERROR_INVALID_ARGUMENT
+		}
+		info, ok := cfg.MIGProfiles.GpuInstanceProfiles[index]
 		if !ok {
 			return info, gonvml.ERROR_NOT_SUPPORTED
 		}
@@ -435,7 +445,7 @@ func (n *Node) newGpuInstance(g *simGPU, m *simMIG, parent gonvml.Device) *mock.
 	gi := &mock.GpuInstance{}
 	gi.GetInfoFunc = func() (gonvml.GpuInstanceInfo, gonvml.Return) {
 		return value(n, g.index, "GpuInstanceGetInfo", gonvml.GpuInstanceInfo{
-			Device: parent, Id: uint32(m.giID), ProfileId: uint32(m.giProfile),
+			Device: parent, Id: uint32(m.giID), ProfileId: cfg.MIGProfiles.GpuInstanceProfiles[m.giProfile].Id,
 		})
 	}
 	gi.GetComputeInstanceProfileInfoFunc = func(profile, engine int) (gonvml.ComputeInstanceProfileInfo, gonvml.Return) {
@@ -480,6 +490,20 @@ func (n *Node) newMIGDevice(g *simGPU, m *simMIG) *mock.Device {
 	}
 	d.GetMemoryInfo_v2Func = func() (gonvml.Memory_v2, gonvml.Return) {
 		return value(n, i, "GetMemoryInfo_v2", gonvml.Memory_v2{Total: total, Free: total})
+	}
+	// MIG handles answer GetAttributes (whole GPUs do not), as NVML
+	// documents; go-nvlib's GetProfile reads the memory size from it.
+	giInfo := g.model.config.MIGProfiles.GpuInstanceProfiles[m.giProfile]
+	ciInfo, _ := g.model.fullComputeProfile(m.giProfile)
+	attrs := gonvml.DeviceAttributes{
+		MultiprocessorCount: ciInfo.MultiprocessorCount, SharedCopyEngineCount: giInfo.CopyEngineCount,
+		SharedDecoderCount: giInfo.DecoderCount, SharedEncoderCount: giInfo.EncoderCount,
+		SharedJpegCount: giInfo.JpegCount, SharedOfaCount: giInfo.OfaCount,
+		GpuInstanceSliceCount: giInfo.SliceCount, ComputeInstanceSliceCount: ciInfo.SliceCount,
+		MemorySizeMB: giInfo.MemorySizeMB,
+	}
+	d.GetAttributesFunc = func() (gonvml.DeviceAttributes, gonvml.Return) {
+		return value(n, i, "GetAttributes", attrs)
 	}
 	return d
 }

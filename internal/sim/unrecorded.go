@@ -3,6 +3,8 @@ package sim
 import (
 	gonvml "github.com/NVIDIA/go-nvml/pkg/nvml"
 	"github.com/NVIDIA/go-nvml/pkg/nvml/mock"
+
+	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 )
 
 // go-nvml's moq mocks append every call's arguments to a slice that is never
@@ -13,7 +15,16 @@ import (
 // comparable values holding the mock pointer, so a handle compares equal to
 // itself wherever NVML hands it out (events, topology peers).
 
-type simLibrary struct{ *mock.Interface }
+type simLibrary struct {
+	*mock.Interface
+	gpus int
+}
+
+// MIGMinors is the simulated node's /proc/driver/nvidia-caps/mig-minors,
+// numbered as the driver numbers it (GPU minors are NVML indices here), so
+// nvml.Scan gives simulated MIG devices their capability nodes through the
+// same parser as real ones.
+func (l simLibrary) MIGMinors() []byte { return nvml.DriverMIGMinors(l.gpus) }
 
 func (l simLibrary) DeviceGetHandleByIndex(i int) (gonvml.Device, gonvml.Return) {
 	return l.DeviceGetHandleByIndexFunc(i)
