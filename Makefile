@@ -9,7 +9,7 @@ export CGO_ENABLED := 1
 LDFLAGS := -X github.com/gpu-plugin/gpu-plugin/internal/version.version=$(VERSION)
 IMAGE ?= gpu-plugin:$(VERSION)
 
-.PHONY: all build test test-unit test-kubelet test-deploy demo image lint bench bench-go fuzz soak manifests
+.PHONY: all build test test-unit test-kubelet test-deploy e2e demo image lint bench bench-go fuzz soak manifests
 
 all: build
 
@@ -30,6 +30,9 @@ image: ## the container image (needs a Docker engine; IMAGE=registry/name:tag to
 		--build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
 		--build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
 		-t $(IMAGE) .
+
+e2e: ## the end-to-end node suite (tests/e2e; root): the image built by buildah, the chart in a real API server, GPU pods run by a real kubelet and containerd; E2E_TEST_FLAGS adds go test flags
+	./scripts/test-e2e.sh
 
 test-deploy: ## only the install assets' suite (tests/deploy: manifests, chart, alerts, dashboard, Dockerfile, README)
 	./scripts/test-deploy.sh
