@@ -14,13 +14,15 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/sim"
 )
 
-const configUsage = `Usage: gpu-plugin config check FILE [flags]
+const configUsage = `Usage: gpu-plugin config check FILE [--strict] [flags]
 
 Validates a config file (NVIDIA's version: v1 format, YAML or JSON) and prints
 the effective configuration after flags, environment and defaults are applied
 (precedence: flag > environment > file > default). Exits non-zero, naming the
 bad field and what it accepts, if the file is invalid. Settings that are
-accepted but not applied are listed as warnings on stderr.
+accepted but not applied, unknown keys and keys written twice are listed as
+warnings on stderr (each names its field); with --strict any warning makes
+it exit 1, for CI pipelines that want typos caught.
 
 With --simulate=PROFILE it also derives the resources that node would
 advertise (MIG strategy, time-slicing, rename, devices), so a config can be
@@ -41,19 +43,30 @@ func runConfig(args []string, getenv func(string) string, stdout, stderr io.Writ
 	if len(args) < 2 {
 		return usageError("config check: missing FILE")
 	}
-	cfg, rest, err := config.Load(name, append([]string{"--config", args[1]}, args[2:]...), getenv, stdout)
+	strict := false
+	flags := make([]string, 0, len(args))
+	for _, a := range args[2:] {
+		if a == "--strict" || a == "-strict" || a == "--strict=true" {
+			strict = true
+			continue
+		}
+		flags = append(flags, a)
+	}
+	cfg, rest, err := config.Load(name, append([]string{"--config", args[1]}, flags...), getenv, stdout)
 	if err != nil {
 		return err
 	}
 	if len(rest) > 0 {
 		return usageError("config check: unexpected argument %q", rest[0])
 	}
-	for _, w := range cfg.Warnings() {
+	warnings := cfg.Warnings()
+	for _, w := range warnings {
 		fmt.Fprintf(stderr, "warning: %s\n", w)
 	}
 	var resources string
+	var planWarnings int
 	if cfg.Daemon.Simulate != "" {
-		if resources, err = describeResources(cfg, stderr); err != nil {
+		if resources, planWarnings, err = describeResources(cfg, stderr); err != nil {
 			return err
 		}
 	}
@@ -77,28 +90,31 @@ func runConfig(args []string, getenv func(string) string, stdout, stderr io.Writ
 	}
 	fmt.Fprintf(stdout, "# %s is valid; effective configuration (flag > environment > file > default):\n%s", args[1], out)
 	fmt.Fprintf(stdout, "# daemon settings (flags and environment only):\n%s%s", daemonOut, resources)
+	if n := len(warnings) + planWarnings; strict && n > 0 {
+		return fmt.Errorf("config check --strict: %s gives %d warnings (listed above)", args[1], n)
+	}
 	return nil
 }
 
 // describeResources says, as YAML comments, what a simulated node would
 // advertise under cfg.
-func describeResources(cfg *config.Config, stderr io.Writer) (string, error) {
+func describeResources(cfg *config.Config, stderr io.Writer) (string, int, error) {
 	p, err := sim.LoadProfile(cfg.Daemon.Simulate)
 	if err != nil {
-		return "", err
+		return "", 0, err
 	}
 	lib, err := nvml.Open(sim.NewNode(p, nil).NVML())
 	if err != nil {
-		return "", err
+		return "", 0, err
 	}
 	defer lib.Close()
 	inv, err := nvml.Scan(lib, nvml.ScanOptions{})
 	if err != nil {
-		return "", err
+		return "", 0, err
 	}
 	plan, err := sharing.NewPlan(inv, sharing.OptionsFrom(cfg))
 	if err != nil {
-		return "", fmt.Errorf("on simulated node %s: %w", p.Name, err)
+		return "", 0, fmt.Errorf("on simulated node %s: %w", p.Name, err)
 	}
 	for _, w := range plan.Warnings {
 		fmt.Fprintf(stderr, "warning: %s\n", w)
@@ -126,5 +142,5 @@ func describeResources(cfg *config.Config, stderr io.Writer) (string, error) {
 		}
 		fmt.Fprintln(&b, line)
 	}
-	return b.String(), nil
+	return b.String(), len(plan.Warnings), nil
 }

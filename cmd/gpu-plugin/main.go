@@ -10,11 +10,13 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strconv"
 	"sync"
 	"syscall"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/daemon"
+	"github.com/gpu-plugin/gpu-plugin/internal/plugin"
 	"github.com/gpu-plugin/gpu-plugin/internal/version"
 )
 
@@ -42,7 +44,33 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return report(stderr, runDemo(ctx, args[1:], getenv, stdout, stderr))
 		}
 	}
+	if wantsVersion(args) {
+		fmt.Fprintf(stdout, "%s %s\n", name, version.String())
+		return 0
+	}
 	return report(stderr, runDaemon(ctx, args, getenv, stdout, stderr))
+}
+
+// wantsVersion reports whether the flags ask for the version: --version
+// anywhere, or -v as NVIDIA's plugin has it, a bare -v. -v followed by a
+// number (-v 2) and -v=N stay the verbosity setting (--v, --verbosity).
+func wantsVersion(args []string) bool {
+	for i, a := range args {
+		switch a {
+		case "--":
+			return false
+		case "--version", "-version":
+			return true
+		case "-v", "--v":
+			if i+1 == len(args) {
+				return true
+			}
+			if _, err := strconv.Atoi(args[i+1]); err != nil {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // report prints a command's error and turns it into an exit code.
@@ -83,6 +111,15 @@ func runDaemon(ctx context.Context, args []string, getenv func(string) string, s
 		return usageError("unexpected argument %q (subcommands: inventory, config check, demo; see --help)", rest[0])
 	}
 	log := newLogger(cfg.Daemon.LogFormat, cfg.Daemon.Verbosity, stderr)
+	// IMEX channels are checked once at start, as NVIDIA's plugin does: a
+	// required channel that is missing fails the start.
+	_, missing, err := plugin.IMEXChannels(cfg)
+	if err != nil {
+		return err
+	}
+	for _, m := range missing {
+		log.Warn("IMEX channel not found; allocations go without it", "err", m)
+	}
 	if cfg.Daemon.NodeName == "" {
 		cfg.Daemon.NodeName, _ = os.Hostname()
 	}

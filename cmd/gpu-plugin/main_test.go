@@ -128,8 +128,21 @@ func TestConfigCheck(t *testing.T) {
 	if err := os.WriteFile(path, []byte("version: v1\nflags:\n  migStrategy: mixed\n  colour: red\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// An unknown key is a warning naming its path, as NVIDIA ignores it;
+	// --strict turns warnings into exit 1.
 	code, _, errOut = runCmd(t, nil, "config", "check", path)
-	if code == 0 || !strings.Contains(errOut, "colour") || !strings.Contains(errOut, path) {
+	if code != 0 || !strings.Contains(errOut, "warning: flags.colour: unknown field") {
+		t.Errorf("config check of a file with an unknown key: exit %d, %q; want 0 and a warning naming flags.colour", code, errOut)
+	}
+	code, _, errOut = runCmd(t, nil, "config", "check", path, "--strict")
+	if code != 1 || !strings.Contains(errOut, "flags.colour") || !strings.Contains(errOut, "--strict") {
+		t.Errorf("config check --strict of a file with an unknown key: exit %d, %q; want 1", code, errOut)
+	}
+	if err := os.WriteFile(path, []byte("version: v1\nflags:\n  migStrategy: odd\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, _, errOut = runCmd(t, nil, "config", "check", path)
+	if code == 0 || !strings.Contains(errOut, "flags.migStrategy") || !strings.Contains(errOut, path) {
 		t.Errorf("config check of a bad file: exit %d, %q; want failure naming the file and field", code, errOut)
 	}
 }

@@ -88,7 +88,8 @@ sharing:
 	if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	code, out, errOut := runCmd(t, nil, "config", "check", path, "--simulate=dgx-a100-mig")
+	// rename and devices apply only with the opt-in (NVIDIA ignores them).
+	code, out, errOut := runCmd(t, nil, "config", "check", path, "--simulate=dgx-a100-mig", "--resource-customization")
 	if code != 0 {
 		t.Fatalf("exit %d: %s", code, errOut)
 	}
@@ -112,7 +113,7 @@ sharing:
 	if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	code, _, errOut = runCmd(t, nil, "config", "check", path, "--simulate=dgx-a100-mig")
+	code, _, errOut = runCmd(t, map[string]string{"GPU_PLUGIN_RESOURCE_CUSTOMIZATION": "true"}, "config", "check", path, "--simulate=dgx-a100-mig")
 	if code == 0 || !strings.Contains(errOut, "sharing.timeSlicing.resources[1].devices[1]") || !strings.Contains(errOut, "allowed: 0:0, 0:1") {
 		t.Errorf("a devices entry matching nothing: exit %d, %q", code, errOut)
 	}

@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"reflect"
 	"strings"
 	"time"
@@ -32,6 +31,8 @@ type Config struct {
 	IMEX      IMEX       `json:"imex,omitempty"`
 	// Health is this daemon's extension (health_options.go).
 	Health Health `json:"health,omitempty"`
+	// Extensions holds this daemon's other file-only extensions (compat.go).
+	Extensions Extensions `json:"extensions,omitempty"`
 
 	// Daemon holds settings that exist only on the command line and in the
 	// environment (not in NVIDIA's file format).
@@ -42,6 +43,9 @@ type Config struct {
 
 	// parseWarnings are file problems that did not stop parsing (Warnings).
 	parseWarnings []string
+	// compatWarnings name the settings cleared to do what NVIDIA's plugin
+	// does (compat.go).
+	compatWarnings []string
 	// origin is how Load built this config, so Reload can do it again.
 	origin *origin
 	// fileSum is the SHA-256 of the config file content it was read from.
@@ -78,11 +82,11 @@ type PluginFlags struct {
 // GFDFlags is `flags.gfd`, read by NVIDIA's feature discovery only. It is
 // accepted so existing files parse.
 type GFDFlags struct {
-	Oneshot         *bool   `json:"oneshot,omitempty"`
-	NoTimestamp     *bool   `json:"noTimestamp,omitempty"`
-	SleepInterval   *string `json:"sleepInterval,omitempty"`
-	OutputFile      *string `json:"outputFile,omitempty"`
-	MachineTypeFile *string `json:"machineTypeFile,omitempty"`
+	Oneshot         *bool     `json:"oneshot,omitempty"`
+	NoTimestamp     *bool     `json:"noTimestamp,omitempty"`
+	SleepInterval   *Duration `json:"sleepInterval,omitempty"`
+	OutputFile      *string   `json:"outputFile,omitempty"`
+	MachineTypeFile *string   `json:"machineTypeFile,omitempty"`
 }
 
 // Resources is the `resources` section: resource names by device pattern.
@@ -121,7 +125,7 @@ type ReplicatedResource struct {
 // IMEX is the `imex` section.
 type IMEX struct {
 	ChannelIDs []int `json:"channelIDs,omitempty"`
-	Required   bool  `json:"required,omitempty"`
+	Required   *bool `json:"required,omitempty"`
 }
 
 // StringOrSlice accepts a YAML string or a list of strings.
@@ -144,18 +148,29 @@ func (s *StringOrSlice) UnmarshalJSON(b []byte) error {
 
 // Daemon holds the daemon's own settings.
 type Daemon struct {
-	ConfigFile       string        `json:"configFile"`
-	Simulate         string        `json:"simulate"`
-	NVMLLibrary      string        `json:"nvmlLibrary"`
-	KubeletSocketDir string        `json:"kubeletSocketDir"`
-	NodeName         string        `json:"nodeName"`
-	MetricsAddress   string        `json:"metricsAddress"`
-	LogFormat        string        `json:"logFormat"`
-	Verbosity        int           `json:"verbosity"`
-	SysRoot          string        `json:"sysRoot"`
-	CDISpecDir       string        `json:"cdiSpecDir"`
-	WebConfigFile    string        `json:"webConfigFile"`
-	RescanInterval   time.Duration `json:"rescanInterval"`
+	ConfigFile       string `json:"configFile"`
+	Simulate         string `json:"simulate"`
+	NVMLLibrary      string `json:"nvmlLibrary"`
+	KubeletSocketDir string `json:"kubeletSocketDir"`
+	// KubeletSocket is the kubelet's registration socket (NVIDIA's
+	// --kubelet-socket); "" when --kubelet-socket was not given: then it is
+	// kubelet.sock in KubeletSocketDir. SkipRegistration is set when
+	// --kubelet-socket was given empty: the plugin servers run but nothing
+	// registers with a kubelet, as NVIDIA's plugin does.
+	KubeletSocket    string `json:"kubeletSocket,omitempty"`
+	SkipRegistration bool   `json:"skipRegistration,omitempty"`
+	// CDIFeatureFlags and CDIDisableHooks are NVIDIA's --cdi-feature-flags
+	// and --cdi-disable-hooks: accepted, for the CDI spec generator.
+	CDIFeatureFlags []string      `json:"cdiFeatureFlags,omitempty"`
+	CDIDisableHooks []string      `json:"cdiDisableHooks,omitempty"`
+	NodeName        string        `json:"nodeName"`
+	MetricsAddress  string        `json:"metricsAddress"`
+	LogFormat       string        `json:"logFormat"`
+	Verbosity       int           `json:"verbosity"`
+	SysRoot         string        `json:"sysRoot"`
+	CDISpecDir      string        `json:"cdiSpecDir"`
+	WebConfigFile   string        `json:"webConfigFile"`
+	RescanInterval  time.Duration `json:"rescanInterval"`
 	// NodeLabels turns the GFD-compatible node labels file on; LabelsFile is
 	// where it is written (sharing_options.go).
 	NodeLabels bool   `json:"nodeLabels"`
@@ -185,12 +200,12 @@ const (
 	IDIndex = "index"
 )
 
-// ReadFile parses a config file (YAML or JSON). Unknown fields are errors
-// that name their path.
+// ReadFile reads a config file through ReadConfigFile's bounds and parses
+// it (YAML or JSON). Unknown fields are warnings that name their path.
 func ReadFile(path string) (*Config, error) {
-	raw, err := os.ReadFile(path)
+	raw, err := ReadConfigFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("reading config file: %w", err)
+		return nil, err
 	}
 	c, err := Parse(raw)
 	if err != nil {
@@ -205,8 +220,15 @@ func ReadFile(path string) (*Config, error) {
 // and what the field accepts; settings accepted without effect are listed by
 // Warnings.
 func Parse(raw []byte) (*Config, error) {
+	if len(raw) > MaxFileSize {
+		return nil, fmt.Errorf("the config is larger than %d bytes (%d); a config is a few KiB, and a ConfigMap holds at most 1 MiB", MaxFileSize, len(raw))
+	}
 	if len(bytes.TrimSpace(raw)) == 0 {
 		return &Config{Version: Version}, nil
+	}
+	node := yamlNode(raw)
+	if err := checkAliases(node); err != nil {
+		return nil, err
 	}
 	js, err := yaml.YAMLToJSON(raw)
 	if err != nil {
@@ -223,10 +245,10 @@ func Parse(raw []byte) (*Config, error) {
 	if err := shape.check(reflect.TypeFor[Config](), doc, ""); err != nil {
 		return nil, err
 	}
+	// Unknown fields were reported as warnings by the shape check; like
+	// NVIDIA's parser, the decode ignores them.
 	var c Config
-	dec := json.NewDecoder(bytes.NewReader(js))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&c); err != nil {
+	if err := json.NewDecoder(bytes.NewReader(js)).Decode(&c); err != nil {
 		return nil, explainDecodeError(err)
 	}
 	switch c.Version {
@@ -234,12 +256,12 @@ func Parse(raw []byte) (*Config, error) {
 		c.Version = Version
 	case Version:
 	default:
-		return nil, fmt.Errorf("version: %q is not supported (want %q)", c.Version, Version)
+		return nil, fmt.Errorf("version: %s is not supported (want %q)", quote(c.Version), Version)
 	}
 	if err := c.validateFile(); err != nil {
 		return nil, err
 	}
-	c.parseWarnings = shape.warnings
+	c.parseWarnings = append(duplicateKeys(node), shape.warnings...)
 	return &c, nil
 }
 

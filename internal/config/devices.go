@@ -30,7 +30,10 @@ const (
 )
 
 var (
-	uuidRE       = `[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}`
+	// uuidRE takes the forms NVIDIA's parser (github.com/google/uuid)
+	// accepts: dashed, 32 hex digits, {dashed} and urn:uuid:dashed.
+	dashedRE     = `[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}`
+	uuidRE       = `(?:` + dashedRE + `|[0-9a-fA-F]{32}|\{` + dashedRE + `\}|(?i:urn:uuid:)` + dashedRE + `)`
 	gpuUUIDRE    = regexp.MustCompile(`^GPU-` + uuidRE + `$`)
 	migUUIDRE    = regexp.MustCompile(`^MIG-` + uuidRE + `$`)
 	migOldUUIDRE = regexp.MustCompile(`^MIG-GPU-` + uuidRE + `/[0-9]+/[0-9]+$`)
@@ -63,7 +66,7 @@ func (d *Devices) UnmarshalJSON(b []byte) error {
 	var s string
 	if err := json.Unmarshal(b, &s); err == nil {
 		if s != "all" {
-			return fmt.Errorf("%q is not allowed: %s", s, devicesHelp)
+			return fmt.Errorf("%s is not allowed: %s", quote(s), devicesHelp)
 		}
 		d.All = true
 		return nil
@@ -72,7 +75,7 @@ func (d *Devices) UnmarshalJSON(b []byte) error {
 	if err := json.Unmarshal(b, &n); err == nil {
 		c, err := strconv.Atoi(n.String())
 		if err != nil || c < 1 {
-			return fmt.Errorf("%s is not allowed: a count must be a whole number of 1 or more; %s", n, devicesHelp)
+			return fmt.Errorf("%s is not allowed: a count must be a whole number of 1 or more; %s", clip(n.String()), devicesHelp)
 		}
 		d.Count = c
 		return nil
@@ -81,29 +84,26 @@ func (d *Devices) UnmarshalJSON(b []byte) error {
 	if err := json.Unmarshal(b, &list); err != nil {
 		return fmt.Errorf("wrong type: %s", devicesHelp)
 	}
-	if len(list) == 0 {
-		return fmt.Errorf("an empty list selects nothing: %s", devicesHelp)
-	}
-	seen := map[string]int{}
+	// An empty list, and a device listed twice, are accepted as NVIDIA's
+	// parser accepts them; by default devices is ignored, as NVIDIA
+	// ignores it, and with resource customization on they are refused
+	// then (compat.go, the sharing package).
+	d.List = make([]string, 0, min(len(list), 64))
 	for i, raw := range list {
 		path := "[" + strconv.Itoa(i) + "]"
 		var ref string
 		if err := json.Unmarshal(raw, &n); err == nil {
-			if v, err := strconv.ParseUint(n.String(), 10, 31); err == nil {
+			if v, err := strconv.ParseUint(n.String(), 10, 63); err == nil {
 				ref = strconv.FormatUint(v, 10)
 			} else {
-				return fieldErr(path, "%s is not a GPU index (0 or more)", n)
+				return fieldErr(path, "%s is not a GPU index (0 or more)", clip(n.String()))
 			}
 		} else if err := json.Unmarshal(raw, &ref); err != nil {
 			return fieldErr(path, "wrong type: want a GPU index, a MIG index (<gpu>:<mig>) or a GPU/MIG UUID")
 		}
 		if ClassifyDeviceRef(ref) == "" {
-			return fieldErr(path, "%q is not a GPU index (0), a MIG index (<gpu>:<mig>, e.g. 0:1), a GPU UUID (GPU-…) or a MIG UUID (MIG-…)", ref)
+			return fieldErr(path, "%s is not a GPU index (0), a MIG index (<gpu>:<mig>, e.g. 0:1), a GPU UUID (GPU-…) or a MIG UUID (MIG-…)", quote(ref))
 		}
-		if prev, dup := seen[ref]; dup {
-			return fieldErr(path, "%q is already listed at [%d]", ref, prev)
-		}
-		seen[ref] = i
 		d.List = append(d.List, ref)
 	}
 	return nil

@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -24,6 +25,9 @@ type Option struct {
 	// Allowed, when set, lists the only accepted values (for lists: of each
 	// element).
 	Allowed []string
+	// List marks a comma-separated list: a flag given twice keeps both
+	// values, as NVIDIA's (urfave/cli) slice flags do.
+	List bool
 	// set stores a value taken from a flag, the environment or the default.
 	set func(c *Config, v string) error
 	// inFile reports whether the config file already set the option; a file
@@ -117,12 +121,12 @@ func nvidiaOptions() []Option {
 		boolOpt("mofed-enabled", nil, []string{"MOFED_ENABLED"}, "false", "add NVIDIA_MOFED=enabled (CDI: mofed=all) to allocations",
 			func(c *Config) **bool { return &c.Flags.MOFEDEnabled }),
 		strOpt("device-discovery-strategy", nil, []string{"DEVICE_DISCOVERY_STRATEGY"}, "auto",
-			"how GPUs are found: auto or nvml (tegra is not supported)", []string{"auto", "nvml", "tegra"},
+			"how GPUs are found: auto or nvml (tegra is refused: not supported)", []string{"auto", "nvml"},
 			func(c *Config) **string { return &c.Flags.DeviceDiscoveryStrategy }),
 		boolOpt("pass-device-specs", nil, []string{"PASS_DEVICE_SPECS"}, "false",
 			"return /dev/nvidia* device specs from Allocate (for the CPU manager's static policy)",
 			func(c *Config) **bool { return &c.Plugin().PassDeviceSpecs }),
-		{Name: "device-list-strategy", Env: []string{"DEVICE_LIST_STRATEGY"}, Default: ListEnvvar, Group: GroupNVIDIA,
+		{Name: "device-list-strategy", Env: []string{"DEVICE_LIST_STRATEGY"}, Default: ListEnvvar, Group: GroupNVIDIA, List: true,
 			Allowed: []string{ListEnvvar, ListVolumeMounts, ListCDIAnnotations, ListCDICRI},
 			Usage:   "how allocated devices reach the container, comma-separated and combinable: envvar, volume-mounts, cdi-annotations, cdi-cri",
 			set: func(c *Config, v string) error {
@@ -146,6 +150,36 @@ func nvidiaOptions() []Option {
 		strOpt("shared-devices-allocation-policy", nil, []string{"SHARED_DEVICES_ALLOCATION_POLICY"}, "distributed",
 			"which replicas of shared GPUs are preferred: distributed (spread) or packed", []string{"distributed", "packed"},
 			func(c *Config) **string { return &c.Plugin().SharedDevicesAllocationPolicy }),
+		{Name: "imex-channel-ids", Env: []string{"IMEX_CHANNEL_IDS"}, Group: GroupNVIDIA, List: true,
+			Usage: "IMEX channels injected into every allocation, comma-separated: none or 0 (imex.channelIDs)",
+			set: func(c *Config, v string) error {
+				if v == "" {
+					return nil // not set anywhere: no channels
+				}
+				ids := []int{}
+				for _, p := range splitList(v) {
+					n, err := strconv.Atoi(p)
+					if err != nil {
+						return fmt.Errorf("%s is not a channel number; want a comma-separated list of channel numbers (only 0 is supported)", quote(p))
+					}
+					ids = append(ids, n)
+				}
+				c.IMEX.ChannelIDs = ids
+				return nil
+			},
+			inFile: func(c *Config) bool { return c.IMEX.ChannelIDs != nil }},
+		boolOpt("imex-required", nil, []string{"IMEX_REQUIRED"}, "false",
+			"fail the start if an IMEX channel's device node (/dev/nvidia-caps-imex-channels/channel<N>) is missing; otherwise such a channel is skipped with a warning (imex.required)",
+			func(c *Config) **bool { return &c.IMEX.Required }),
+		{Name: "kubelet-socket", Env: []string{"KUBELET_SOCKET"}, Group: GroupNVIDIA,
+			Usage: "the kubelet's registration socket, a full path; default: kubelet.sock in --kubelet-socket-dir; our sockets go in its directory unless --kubelet-socket-dir is set; empty (--kubelet-socket=): serve the plugin sockets without registering, as NVIDIA's plugin does",
+			set:   func(c *Config, v string) error { c.Daemon.KubeletSocket = v; return nil }},
+		{Name: "cdi-feature-flags", Env: []string{"CDI_FEATURE_FLAGS"}, Group: GroupNVIDIA, List: true,
+			Usage: "feature flags for CDI spec generation, comma-separated; accepted for compatibility, no effect yet (the CDI spec has no feature-flagged parts)",
+			set:   func(c *Config, v string) error { c.Daemon.CDIFeatureFlags = splitList(v); return nil }},
+		{Name: "cdi-disable-hooks", Env: []string{"CDI_DISABLE_HOOKS"}, Group: GroupNVIDIA, List: true,
+			Usage: "OCI hooks to leave out of the CDI spec, comma-separated, or all; accepted for compatibility, no effect yet (the CDI spec has no hooks)",
+			set:   func(c *Config, v string) error { c.Daemon.CDIDisableHooks = splitList(v); return nil }},
 	}
 }
 
@@ -169,14 +203,25 @@ func boolOpt(name string, aliases, env []string, def, usage string, field func(c
 }
 
 // rawValue records a flag's text; it is applied after the file is read.
+// A list flag given more than once keeps every value, comma-joined.
 type rawValue struct {
 	value  string
 	isBool bool
+	isList bool
+	seen   bool
 }
 
-func (v *rawValue) String() string     { return v.value }
-func (v *rawValue) Set(s string) error { v.value = s; return nil }
-func (v *rawValue) IsBoolFlag() bool   { return v.isBool }
+func (v *rawValue) String() string { return v.value }
+func (v *rawValue) Set(s string) error {
+	if v.isList && v.seen && s != "" {
+		if v.value != "" {
+			s = v.value + "," + s
+		}
+	}
+	v.value, v.seen = s, true
+	return nil
+}
+func (v *rawValue) IsBoolFlag() bool { return v.isBool }
 
 // ErrHelp is returned by Load for -h/--help; the usage has been printed.
 var ErrHelp = flag.ErrHelp
@@ -191,7 +236,7 @@ func Load(name string, args []string, getenv func(string) string, out io.Writer)
 	fs.SetOutput(io.Discard)
 	raws := make([]*rawValue, len(opts))
 	for i, o := range opts {
-		raws[i] = &rawValue{isBool: o.Bool}
+		raws[i] = &rawValue{isBool: o.Bool, isList: o.List}
 		for _, n := range append([]string{o.Name}, o.Aliases...) {
 			fs.Var(raws[i], n, o.Usage)
 		}
@@ -235,10 +280,38 @@ func Load(name string, args []string, getenv func(string) string, out io.Writer)
 			v, source = o.Default, "default"
 		}
 		if err := o.set(c, v); err != nil {
-			return nil, nil, fmt.Errorf("%s=%q: %v", source, v, err)
+			return nil, nil, fmt.Errorf("%s=%s: %v", source, quote(v), err)
+		}
+	}
+	// --kubelet-socket names the kubelet's socket in full, as NVIDIA's flag
+	// does; given empty, nothing registers (NVIDIA's meaning). The plugin
+	// sockets go next to the kubelet's unless --kubelet-socket-dir is set.
+	explicit := func(name string) bool {
+		for i, o := range opts {
+			if o.Name == name {
+				_, _, inEnv := fromEnv(o, getenv)
+				return onCommandLine[raws[i]] || inEnv
+			}
+		}
+		return false
+	}
+	for i, o := range opts {
+		if o.Name == "kubelet-socket" && onCommandLine[raws[i]] && raws[i].value == "" {
+			c.Daemon.SkipRegistration = true
+		}
+	}
+	if s := c.Daemon.KubeletSocket; s != "" {
+		if !filepath.IsAbs(s) {
+			return nil, nil, fmt.Errorf("kubelet-socket: %s is not an absolute path; want the kubelet's socket, e.g. /var/lib/kubelet/device-plugins/kubelet.sock (flag --kubelet-socket, environment KUBELET_SOCKET)", quote(s))
+		}
+		if !explicit("kubelet-socket-dir") {
+			c.Daemon.KubeletSocketDir = filepath.Dir(s)
 		}
 	}
 	if err := c.validateOptions(opts); err != nil {
+		return nil, nil, err
+	}
+	if err := c.applyNVIDIASemantics(); err != nil {
 		return nil, nil, err
 	}
 	c.origin = &origin{name: name, args: slices.Clone(args), getenv: getenv}
@@ -259,8 +332,8 @@ func (c *Config) validateOptions(opts []Option) error {
 	check := func(o Option, vals []string) error {
 		for _, v := range vals {
 			if !slices.Contains(o.Allowed, v) {
-				return fmt.Errorf("%s: %q is not one of %s (flag --%s, environment %s)",
-					o.Name, v, strings.Join(o.Allowed, ", "), o.Name, strings.Join(o.Env, " or "))
+				return fmt.Errorf("%s: %s is not one of %s (flag --%s, environment %s)",
+					o.Name, quote(v), strings.Join(o.Allowed, ", "), o.Name, strings.Join(o.Env, " or "))
 			}
 		}
 		return nil
@@ -285,11 +358,23 @@ func (c *Config) validateOptions(opts []Option) error {
 		case "shared-devices-allocation-policy":
 			vals = []string{Deref(c.Plugin().SharedDevicesAllocationPolicy)}
 		case "device-discovery-strategy":
+			if s := Deref(c.Flags.DeviceDiscoveryStrategy); s == "tegra" {
+				return fmt.Errorf("device-discovery-strategy: tegra is not supported (this daemon does not handle Tegra/Jetson GPUs); use auto or nvml (flag --device-discovery-strategy, environment DEVICE_DISCOVERY_STRATEGY, file flags.deviceDiscoveryStrategy)")
+			}
 			vals = []string{Deref(c.Flags.DeviceDiscoveryStrategy)}
 		}
 		if err := check(o, vals); err != nil {
 			return err
 		}
+	}
+	// NVIDIA's plugin accepts only [] or [0].
+	for i, ch := range c.IMEX.ChannelIDs {
+		if ch != 0 {
+			return fmt.Errorf("imex.channelIDs[%d]: %d is not supported: only channel 0 ([0]) or none ([]) (file imex.channelIDs, flag --imex-channel-ids, environment IMEX_CHANNEL_IDS)", i, ch)
+		}
+	}
+	if len(c.IMEX.ChannelIDs) > 1 {
+		return fmt.Errorf("imex.channelIDs: %v: only one channel, 0, is supported (file imex.channelIDs, flag --imex-channel-ids, environment IMEX_CHANNEL_IDS)", c.IMEX.ChannelIDs)
 	}
 	return nil
 }

@@ -81,7 +81,7 @@ func ParseHealthCheckList(s string, allowXIDsWord bool) (HealthCheckList, error)
 			if allowXIDsWord {
 				words = `"all", "xids"`
 			}
-			return l, fmt.Errorf("%q is not an XID number; want a comma-separated list of XID numbers or %s", tok, words)
+			return l, fmt.Errorf("%s is not an XID number; want a comma-separated list of XID numbers or %s", quote(tok), words)
 		}
 		l.List = append(l.List, n)
 	}
@@ -103,7 +103,7 @@ func (h *Health) UnmarshalJSON(b []byte) error {
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&raw); err != nil {
 		if f, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
-			return fmt.Errorf("health: unknown field %s: the section takes skipXIDs, fatalXIDs, doubleBitECC, recovery, quietPeriod, probeInterval", f)
+			return fmt.Errorf("health: unknown field %s: the section takes skipXIDs, fatalXIDs, doubleBitECC, recovery, quietPeriod, probeInterval", clip(f))
 		}
 		var te *json.UnmarshalTypeError
 		if errors.As(err, &te) {
@@ -149,7 +149,7 @@ func healthFieldType(field string) string {
 
 func checkRecovery(v string) error {
 	if v != RecoveryNever && v != RecoveryAfterQuietPeriod {
-		return fmt.Errorf("%q is not a recovery policy: want %s or %s", v, RecoveryAfterQuietPeriod, RecoveryNever)
+		return fmt.Errorf("%s is not a recovery policy: want %s or %s", quote(v), RecoveryAfterQuietPeriod, RecoveryNever)
 	}
 	return nil
 }
@@ -157,7 +157,7 @@ func checkRecovery(v string) error {
 func parseQuietPeriod(v string) (time.Duration, error) {
 	d, err := time.ParseDuration(v)
 	if err != nil || d < 0 {
-		return 0, fmt.Errorf("%q is not a duration ≥ 0 (e.g. 30s, 5m)", v)
+		return 0, fmt.Errorf("%s is not a duration ≥ 0 (e.g. 30s, 5m)", quote(v))
 	}
 	return d, nil
 }
@@ -165,7 +165,7 @@ func parseQuietPeriod(v string) (time.Duration, error) {
 func parseProbeInterval(v string) (time.Duration, error) {
 	d, err := time.ParseDuration(v)
 	if err != nil || d <= 0 || d > time.Hour {
-		return 0, fmt.Errorf("%q is not a duration between 1ns and 1h (e.g. 5s)", v)
+		return 0, fmt.Errorf("%s is not a duration between 1ns and 1h (e.g. 5s)", quote(v))
 	}
 	return d, nil
 }

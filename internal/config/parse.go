@@ -44,8 +44,9 @@ func joinPath(path, elem string) string {
 // Config before the real decode, because encoding/json names neither the
 // list index of a bad value nor the path of an unknown field.
 type shapeChecker struct {
-	// warnings collects keys accepted only because encoding/json matches
-	// field names without regard to case, as NVIDIA's parser does.
+	// warnings collects unknown keys (ignored, as NVIDIA's parser ignores
+	// them) and keys accepted only because encoding/json matches field names
+	// without regard to case, as NVIDIA's parser does.
 	warnings []string
 }
 
@@ -93,10 +94,10 @@ func (s *shapeChecker) check(t reflect.Type, v any, path string) error {
 			return wrongType(path, v, "a whole number")
 		}
 		if _, err := strconv.ParseInt(n.String(), 10, 64); err != nil {
-			return fieldErr(path, "%s is not a whole number", n)
+			return fieldErr(path, "%s is not a whole number", clip(n.String()))
 		}
 		if k := t.Kind(); (k == reflect.Uint || k == reflect.Uint64 || k == reflect.Uint32) && strings.HasPrefix(n.String(), "-") {
-			return fieldErr(path, "%s is negative; want 0 or more", n)
+			return fieldErr(path, "%s is negative; want 0 or more", clip(n.String()))
 		}
 	}
 	return nil
@@ -136,7 +137,8 @@ func (s *shapeChecker) object(t reflect.Type, m map[string]any, path string) err
 			}
 		}
 		if !ok {
-			return unknownField(path, k, names)
+			s.warnings = append(s.warnings, unknownField(path, k, names))
+			continue
 		}
 		if err := s.check(f.Type, m[k], joinPath(path, k)); err != nil {
 			return err
@@ -171,14 +173,19 @@ func (s *shapeChecker) custom(t reflect.Type, v any, path string) error {
 	return fieldErr(path, "%s", msg)
 }
 
-func unknownField(path, key string, known []string) error {
-	msg := fmt.Sprintf("unknown field %q", key)
-	if s := closest(key, known); s != "" {
-		msg += fmt.Sprintf(" (did you mean %q?)", s)
+// unknownField is the warning for a key the format does not have. NVIDIA's
+// plugin ignores such keys, so a file written for a newer NVIDIA release
+// still starts; the daemon does the same and says so.
+func unknownField(path, key string, known []string) string {
+	msg := "unknown field, ignored (as NVIDIA's device plugin ignores it)"
+	if len(key) <= maxQuoted {
+		if s := closest(key, known); s != "" {
+			msg += fmt.Sprintf("; did you mean %q?", s)
+		}
 	}
 	sort.Strings(known)
-	msg += fmt.Sprintf("; allowed here: %s. Remove it or check its spelling (see Configuration file in README.md)", strings.Join(known, ", "))
-	return &FieldError{Path: joinPath(path, key), Msg: msg}
+	msg += fmt.Sprintf(" Allowed here: %s (see Configuration file in README.md)", strings.Join(known, ", "))
+	return joinPath(path, clip(key)) + ": " + msg
 }
 
 func wrongType(path string, v any, want string) error {
@@ -189,9 +196,9 @@ func wrongType(path string, v any, want string) error {
 func describe(v any) string {
 	switch x := v.(type) {
 	case string:
-		return fmt.Sprintf("the string %q", x)
+		return "the string " + quote(x)
 	case json.Number:
-		return "the number " + x.String()
+		return "the number " + clip(x.String())
 	case bool:
 		return fmt.Sprintf("%t", x)
 	case []any:

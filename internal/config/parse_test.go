@@ -8,6 +8,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/gpu-plugin/gpu-plugin/internal/config/nvidiacorpus"
 )
 
 // TestNVIDIAExamplesParseUnchanged reads every config NVIDIA documents, as
@@ -36,8 +38,6 @@ func TestNVIDIAExamplesParseUnchanged(t *testing.T) {
 			ts := c.Sharing.TimeSlicing
 			want(t, "shared name", ts.SharedName(ts.Resources[0]), "nvidia.com/gpu.shared")
 		}},
-		{file: "readme-mps.yaml", warnings: []string{"sharing.mps: MPS is not supported yet"}},
-		{file: "readme-mps-rename.yaml", warnings: []string{"sharing.mps"}},
 		{file: "helm-mig-single.yaml", check: func(t *testing.T, c *Config) {
 			want(t, "migStrategy", c.MigStrategy(), MigSingle)
 		}},
@@ -84,21 +84,10 @@ func TestNVIDIAExamplesParseUnchanged(t *testing.T) {
 			}
 		})
 	}
-	// Every file in the directory is covered by the table.
-	entries, err := os.ReadDir(filepath.Join("testdata", "nvidia"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range entries {
-		if e.Name() != "README.md" && !slices.ContainsFunc(tests, func(tc struct {
-			file     string
-			check    func(t *testing.T, c *Config)
-			warnings []string
-		}) bool {
-			return tc.file == e.Name()
-		}) {
-			t.Errorf("testdata/nvidia/%s is not in the table", e.Name())
-		}
+	// Every file in the directory is a case of the compatibility corpus
+	// (cases.yaml), which cmd/gpu-plugin and internal/daemon run in full.
+	if _, err := nvidiacorpus.Load(); err != nil {
+		t.Error(err)
 	}
 }
 
@@ -137,9 +126,6 @@ func TestParseErrors(t *testing.T) {
 		doc  string
 		want []string // substrings of the error
 	}{
-		{"unknown top-level field", "version: v1\nsharng: {}\n", []string{`sharng: unknown field "sharng"`, `did you mean "sharing"`, "flags"}},
-		{"unknown nested field with index", ts("    - name: nvidia.com/gpu\n      replicas: 2\n    - name: nvidia.com/gpu\n      replica: 2\n"),
-			[]string{"sharing.timeSlicing.resources[1].replica:", `did you mean "replicas"`, "allowed here: devices, name, rename, replicas"}},
 		{"replicas below 2", ts("    - name: nvidia.com/gpu\n      replicas: 2\n    - name: nvidia.com/mig-1g.5gb\n      replicas: 1\n"),
 			[]string{"sharing.timeSlicing.resources[1].replicas: 1 is not allowed", "2 or more"}},
 		{"replicas missing", ts("    - name: nvidia.com/gpu\n"), []string{"sharing.timeSlicing.resources[0].replicas: 0 is not allowed"}},
@@ -149,8 +135,22 @@ func TestParseErrors(t *testing.T) {
 		{"name missing", ts("    - replicas: 2\n"), []string{"sharing.timeSlicing.resources[0].name: required"}},
 		{"bad rename", ts("    - name: gpu\n      rename: Bad Name\n      replicas: 2\n"), []string{"resources[0].rename:", "the part after the '/'"}},
 		{"kubernetes.io name", ts("    - name: kubernetes.io/gpu\n      replicas: 2\n"), []string{"resources[0].name:", "kubernetes.io"}},
-		{"shared twice", ts("    - name: gpu\n      replicas: 2\n    - name: nvidia.com/gpu\n      replicas: 3\n"),
-			[]string{"sharing.timeSlicing.resources[1].name: nvidia.com/gpu is already shared by sharing.timeSlicing.resources[0]"}},
+		{"replicas past the bound", ts("    - name: gpu\n      replicas: 1000000000\n"),
+			[]string{"sharing.timeSlicing.resources[0].replicas: 1000000000 is too many: at most 40000"}},
+		{"replicas int64 max", ts("    - name: gpu\n      replicas: 9223372036854775807\n"),
+			[]string{"sharing.timeSlicing.resources[0].replicas: 9223372036854775807 is too many"}},
+		{"replicas past int64", ts("    - name: gpu\n      replicas: 9223372036854775808\n"),
+			[]string{"sharing.timeSlicing.resources[0].replicas: 9223372036854775808 is not a whole number"}},
+		{"replicas as a float", ts("    - name: gpu\n      replicas: 1e9\n"),
+			[]string{"sharing.timeSlicing.resources[0].replicas: 1000000000 is too many"}},
+		{"mps", "version: v1\nsharing:\n  mps:\n    resources:\n    - {name: gpu, replicas: 2}\n",
+			[]string{"sharing.mps: MPS sharing is not supported yet", "sharing.timeSlicing"}},
+		{"time-slicing without resources", "version: v1\nsharing:\n  timeSlicing: {renameByDefault: true}\n",
+			[]string{"sharing.timeSlicing.resources: no resources listed"}},
+		{"imex two channels", "version: v1\nimex:\n  channelIDs: [0, 0]\n", []string{"imex.channelIDs: [0 0]: only one channel"}},
+		{"a huge value is quoted cut", "version: v1\nflags:\n  migStrategy: " + strings.Repeat("x", 100000) + "\n",
+			[]string{`flags.migStrategy: "` + strings.Repeat("x", 64) + `"… (100000 bytes) is not one of`}},
+		{"larger than a ConfigMap", "version: v1\n#" + strings.Repeat("x", MaxFileSize) + "\n", []string{"larger than 1048576 bytes"}},
 		{"unknown MIG strategy", "version: v1\nflags:\n  migStrategy: double\n", []string{`flags.migStrategy: "double" is not one of none, single, mixed`}},
 		{"bad list strategy entry", "version: v1\nflags:\n  plugin:\n    deviceListStrategy: [envvar, env]\n",
 			[]string{`flags.plugin.deviceListStrategy[1]: "env" is not one of envvar, volume-mounts, cdi-annotations, cdi-cri`}},
@@ -161,8 +161,6 @@ func TestParseErrors(t *testing.T) {
 		{"devices bad entry", ts("    - name: gpu\n      replicas: 2\n      devices: [0, \"GPU-x\"]\n"),
 			[]string{"sharing.timeSlicing.resources[0].devices[1]:", `"GPU-x" is not a GPU index`}},
 		{"devices negative", ts("    - name: gpu\n      replicas: 2\n      devices: [-1]\n"), []string{"resources[0].devices[0]: -1 is not a GPU index"}},
-		{"devices duplicate", ts("    - name: gpu\n      replicas: 2\n      devices: [1, \"1\"]\n"), []string{"resources[0].devices[1]:", "already listed at [0]"}},
-		{"devices empty list", ts("    - name: gpu\n      replicas: 2\n      devices: []\n"), []string{"resources[0].devices: an empty list"}},
 		{"flags not a mapping", "version: v1\nflags: [a]\n", []string{"flags: wrong type: got a list, want a mapping"}},
 		{"bool as string", "version: v1\nflags:\n  failOnInitError: \"yes\"\n", []string{"flags.failOnInitError: wrong type", "true or false"}},
 		{"version", "version: v2\n", []string{`version: "v2" is not supported`}},

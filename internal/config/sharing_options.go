@@ -41,6 +41,17 @@ func sharingOptions() []Option {
 		boolean("node-labels", "GPU_PLUGIN_NODE_LABELS", "true",
 			"write GPU feature discovery compatible node labels (nvidia.com/gpu.product, …) to --labels-file for NFD",
 			func(c *Config) *bool { return &c.Daemon.NodeLabels }),
+		{Name: "resource-customization", Env: []string{"GPU_PLUGIN_RESOURCE_CUSTOMIZATION"}, Default: "false", Group: GroupSharing, Bool: true,
+			Usage: "apply resources.gpus/mig and sharing.timeSlicing.resources[].rename/devices, which NVIDIA's plugin v0.20 ignores (off: ignore them too, with a warning); also extensions.resourceCustomization in the file",
+			set: func(c *Config, v string) error {
+				b, err := strconv.ParseBool(v)
+				if err != nil {
+					return fmt.Errorf("want true or false")
+				}
+				c.Extensions.ResourceCustomization = &b
+				return nil
+			},
+			inFile: func(c *Config) bool { return c.Extensions.ResourceCustomization != nil }},
 		{Name: "labels-file", Env: []string{"GPU_PLUGIN_LABELS_FILE"}, Default: DefaultLabelsFile, Group: GroupSharing,
 			Usage: "the node labels file, in a directory NFD's local source reads; written atomically, rewritten when the labels change",
 			set:   func(c *Config, v string) error { c.Daemon.LabelsFile = v; return nil }},

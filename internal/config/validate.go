@@ -53,13 +53,13 @@ func NormalizeResourceName(name string) (string, error) {
 	domain, local, _ := strings.Cut(name, "/")
 	switch {
 	case len(name) > MaxResourceNameLength:
-		return "", fmt.Errorf("%q is longer than %d characters", name, MaxResourceNameLength)
+		return "", fmt.Errorf("%s is longer than %d characters", quote(name), MaxResourceNameLength)
 	case !dnsSubdomainRE.MatchString(domain):
-		return "", fmt.Errorf("%q: the domain %q must be lower-case letters, digits, '-' and '.'", name, domain)
+		return "", fmt.Errorf("%s: the domain %s must be lower-case letters, digits, '-' and '.'", quote(name), quote(domain))
 	case domain == "kubernetes.io" || strings.HasSuffix(domain, ".kubernetes.io"):
-		return "", fmt.Errorf("%q: extended resources may not use the kubernetes.io domain", name)
+		return "", fmt.Errorf("%s: extended resources may not use the kubernetes.io domain", quote(name))
 	case len(local) > 63 || !qualifiedRE.MatchString(local):
-		return "", fmt.Errorf("%q: the part after the '/' must be 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit", name)
+		return "", fmt.Errorf("%s: the part after the '/' must be 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit", quote(name))
 	}
 	return name, nil
 }
@@ -70,7 +70,7 @@ func NormalizeResourceName(name string) (string, error) {
 func (c *Config) validateFile() error {
 	oneOf := func(path, v string, allowed []string) error {
 		if v != "" && !slices.Contains(allowed, v) {
-			return fieldErr(path, "%q is not one of %s", v, strings.Join(allowed, ", "))
+			return fieldErr(path, "%s is not one of %s", quote(v), strings.Join(allowed, ", "))
 		}
 		return nil
 	}
@@ -119,24 +119,28 @@ func (c *Config) validateFile() error {
 		}
 	}
 	if ts := c.Sharing.TimeSlicing; ts != nil {
+		if len(ts.Resources) == 0 {
+			return fieldErr("sharing.timeSlicing.resources", "no resources listed (NVIDIA's plugin refuses this too): list the resources to share, e.g. [{name: nvidia.com/gpu, replicas: 2}], or remove sharing.timeSlicing")
+		}
 		if err := ts.validate("sharing.timeSlicing"); err != nil {
 			return err
 		}
+	}
+	if c.Sharing.MPS != nil {
+		return fieldErr("sharing.mps", "MPS sharing is not supported yet, and this daemon does not start it unshared: remove sharing.mps, or use sharing.timeSlicing (same fields) to share GPUs by time-slicing without MPS's memory and compute limits")
 	}
 	for i, ch := range c.IMEX.ChannelIDs {
 		if ch != 0 {
 			return fieldErr(fmt.Sprintf("imex.channelIDs[%d]", i), "%d is not supported: only channel 0 (channelIDs: [0]) or none ([])", ch)
 		}
 	}
+	if len(c.IMEX.ChannelIDs) > 1 {
+		return fieldErr("imex.channelIDs", "%v: only one channel, 0, is supported (channelIDs: [0]) or none ([])", c.IMEX.ChannelIDs)
+	}
 	return nil
 }
 
 func (rr *ReplicatedResources) validate(path string) error {
-	type owner struct {
-		index int
-		all   bool
-	}
-	byName := map[string][]owner{}
 	for i := range rr.Resources {
 		r := &rr.Resources[i]
 		p := fmt.Sprintf("%s.resources[%d]", path, i)
@@ -153,13 +157,13 @@ func (rr *ReplicatedResources) validate(path string) error {
 		if r.Replicas < 2 {
 			return fieldErr(p+".replicas", "%d is not allowed: want a whole number of 2 or more (how many containers share each device); remove the entry to stop sharing %s", r.Replicas, r.Name)
 		}
-		all := r.Devices == nil || r.Devices.All
-		for _, o := range byName[name] {
-			if all || o.all {
-				return fieldErr(p+".name", "%s is already shared by %s.resources[%d]; list each resource once, or give each entry its own devices", name, path, o.index)
-			}
+		if r.Replicas > MaxReplicas {
+			return fieldErr(p+".replicas", "%d is too many: at most %d (one resource may advertise at most %d devices, replicas × devices, safely under what the kubelet takes in one message)", r.Replicas, MaxReplicas, MaxDevicesPerResource)
 		}
-		byName[name] = append(byName[name], owner{i, all})
+		// A resource listed twice: NVIDIA's plugin gives each device the
+		// larger replica count (compat.go does the same, with a warning);
+		// with resource customization the entries must name different
+		// devices, which the sharing package checks on the node.
 	}
 	return nil
 }
@@ -181,18 +185,7 @@ func (rr *ReplicatedResources) SharedName(r ReplicatedResource) string {
 func (c *Config) Warnings() []string {
 	var w []string
 	w = append(w, c.parseWarnings...)
-	if c.Sharing.MPS != nil {
-		msg := "sharing.mps: MPS is not supported yet; its resources are advertised without MPS"
-		if c.Sharing.TimeSlicing != nil {
-			msg += " (sharing.timeSlicing applies)"
-		} else {
-			msg += "; use sharing.timeSlicing for replicas without MPS isolation"
-		}
-		w = append(w, msg)
-	}
-	if Deref(c.Flags.MpsRoot) != "" {
-		w = append(w, "flags.mpsRoot (--mps-root): MPS is not supported yet; ignored")
-	}
+	w = append(w, c.compatWarnings...)
 	if c.Flags.UseNodeFeatureAPI != nil {
 		w = append(w, "flags.useNodeFeatureAPI: read by NVIDIA's gpu-feature-discovery only; gpu-plugin writes node labels to NFD's features.d file (--labels-file); ignored")
 	}
@@ -212,11 +205,11 @@ func (c *Config) Warnings() []string {
 	if p := c.Flags.Plugin; p != nil && p.NvidiaCTKPath != nil && *p.NvidiaCTKPath != defaultCTKPath {
 		w = append(w, "flags.plugin.nvidiaCTKPath (--nvidia-cdi-hook-path): the CDI spec this daemon writes needs no hooks; ignored")
 	}
-	if c.IMEX.Required {
-		w = append(w, "imex.required: not supported yet; the IMEX channel device is not checked at start; ignored")
+	if len(c.Daemon.CDIFeatureFlags) > 0 {
+		w = append(w, "--cdi-feature-flags (CDI_FEATURE_FLAGS): accepted; the CDI spec this daemon writes has no feature-flagged parts yet, so it has no effect")
 	}
-	if ts := c.Sharing.TimeSlicing; ts != nil && len(ts.Resources) == 0 {
-		w = append(w, "sharing.timeSlicing: no resources listed; nothing is shared")
+	if len(c.Daemon.CDIDisableHooks) > 0 {
+		w = append(w, "--cdi-disable-hooks (CDI_DISABLE_HOOKS): accepted; the CDI spec this daemon writes has no hooks yet, so there is nothing to disable")
 	}
 	return w
 }

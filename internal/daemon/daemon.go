@@ -111,6 +111,10 @@ func (d *Daemon) pluginOptions() plugin.Options {
 		Preferrer: d.preferrer,
 		Events:    d.pluginEvents(), // refreshes pod attribution (telemetry.go)
 		Logger:    d.log.With("component", "plugin"),
+
+		// --kubelet-socket, NVIDIA's flag: the kubelet's socket in full.
+		KubeletSocket:    d.cfg.Daemon.KubeletSocket,
+		SkipRegistration: d.cfg.Daemon.SkipRegistration,
 	}
 }
 

@@ -3,8 +3,10 @@ package daemon_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -15,6 +17,9 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/daemon"
 	"github.com/gpu-plugin/gpu-plugin/internal/fakekubelet"
+	"github.com/gpu-plugin/gpu-plugin/internal/plugin"
+	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 // running is a daemon in this process with a stand-in kubelet.
@@ -57,12 +62,32 @@ func start(t testing.TB, withKubelet bool, args ...string) *running {
 		r.kubelet = k
 	}
 	r.run(t, slog.New(slog.DiscardHandler), args...)
-	// Wait for the listener to be bound (Run binds it first).
-	deadline := time.Now().Add(5 * time.Second)
-	for r.d.Addr() == "" && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
+	// New binds the listener, so its address is known before Run.
+	if r.d.Addr() == "" {
+		t.Fatal("the daemon has no metrics listener after New")
 	}
 	return r
+}
+
+// eventually polls cond (at once, then every 5 ms) until it holds; the test
+// fails after 20 s, naming what and the last state cond described.
+func eventually(t testing.TB, what string, cond func() (bool, string)) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		ok, last := cond()
+		if ok {
+			return
+		}
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			t.Fatalf("%s: not within 20 s; last seen: %s", what, last)
+		}
+	}
 }
 
 // run starts a daemon in r.dir, running until the test ends.
@@ -136,35 +161,47 @@ func TestDaemonEndToEnd(t *testing.T) {
 
 func waitReady(t testing.TB, base string) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	eventually(t, "/readyz 200", func() (bool, string) {
 		code, body := get(t, base+"/readyz")
-		if code == 200 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("/readyz still %d: %s", code, body)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return code == 200, fmt.Sprintf("%d %q", code, body)
+	})
 }
 
+// TestReadyzWithoutKubelet: /readyz is 503 and names why: kubelet.sock is
+// missing. Then the socket is a dead one (connection refused) and then a
+// directory stands where it should be; each cause is named.
 func TestReadyzWithoutKubelet(t *testing.T) {
 	r := start(t, false, "--simulate=pcie-l4x4")
 	base := "http://" + r.d.Addr()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		code, body := get(t, base+"/readyz")
-		if code != 503 {
-			t.Fatalf("/readyz without a kubelet: %d, want 503", code)
-		}
-		if strings.Contains(body, "nvidia.com/gpu not registered with the kubelet") && strings.Contains(body, "kubelet.sock") {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("/readyz body %q does not explain the missing kubelet", body)
-		}
-		time.Sleep(20 * time.Millisecond)
+	sock := filepath.Join(r.dir, "kubelet.sock")
+	for _, step := range []struct {
+		setup func()
+		want  string
+	}{
+		{func() {}, "kubelet.sock does not exist: the kubelet is not running"},
+		{func() {
+			l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			l.SetUnlinkOnClose(false)
+			l.Close()
+		}, "connection refused at " + sock},
+		{func() {
+			if err := os.Remove(sock); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Mkdir(sock, 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}, "blocked by a directory"},
+	} {
+		step.setup()
+		eventually(t, "/readyz naming "+step.want, func() (bool, string) {
+			code, body := get(t, base+"/readyz")
+			return code == 503 && strings.Contains(body, "nvidia.com/gpu not registered with the kubelet: ") && strings.Contains(body, step.want),
+				fmt.Sprintf("%d %q", code, body)
+		})
 	}
 }
 
@@ -196,7 +233,10 @@ func TestNVMLInitFailure(t *testing.T) {
 	if code != 503 || !strings.Contains(body, "NVML unavailable") {
 		t.Errorf("/readyz with NVML down: %d %q", code, body)
 	}
-	time.Sleep(200 * time.Millisecond) // give a wrong registration a chance to happen
+	// Without NVML the daemon serves no resource, so nothing can register.
+	if st := r.d.Plugins().Status(); len(st) != 0 {
+		t.Errorf("serving %+v without NVML", st)
+	}
 	if res := r.kubelet.Resources(); len(res) != 0 {
 		t.Errorf("registered %v without NVML", res)
 	}
@@ -251,5 +291,63 @@ func TestCDISpecWritten(t *testing.T) {
 	}
 	if len(resp.CdiDevices) != 1 || resp.CdiDevices[0].Name != "k8s.device-plugin.nvidia.com/gpu="+uuid || !strings.Contains(string(raw), `"name":"`+uuid+`"`) {
 		t.Errorf("allocated %v; spec holds the device: %v", resp.CdiDevices, strings.Contains(string(raw), uuid))
+	}
+}
+
+// TestFailedStartIsQuiet: a start that fails (the device-plugin directory
+// is missing) returns the cause and logs no telemetry warnings: the
+// sampler's round was cut short by the shutdown, no device failed.
+func TestFailedStartIsQuiet(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "device-plugins")
+	var logs testkit.Buffer
+	d, err := daemon.New(loadConfig(t, missing, "--simulate=dgx-a100-mig", "--node-labels=false", "--pod-resources-socket="),
+		slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	err = d.Run(context.Background())
+	if err == nil || !strings.Contains(err.Error(), missing) {
+		t.Fatalf("Run with a missing device-plugin directory: %v, want an error naming %s", err, missing)
+	}
+	if n := logs.Count("level=WARN"); n != 0 {
+		t.Errorf("a failed start logged %d warnings:\n%s", n, logs.String())
+	}
+}
+
+// TestOversizedListReportedAndRecovered: an update hands the kubelet a
+// device list over its 4 MiB limit; the stand-in kubelet, like the real
+// one, drops the stream. /readyz names the cause, the registration metric
+// goes to 0, and both recover once an update brings the list back.
+func TestOversizedListReportedAndRecovered(t *testing.T) {
+	r := start(t, true, "--simulate=pcie-l4x4", "--rescan-interval=0", "--node-labels=false")
+	base := "http://" + r.d.Addr()
+	waitReady(t, base)
+	respond := plugin.ResponseOptionsFrom(loadConfig(t, r.dir, "--simulate=pcie-l4x4"))
+	good := r.d.Plugins().Resources()[0]
+	var devs []sharing.Device
+	for i := range 13000 { // × 4 GPUs: about 4.7 MB encoded
+		for _, d := range good.Devices {
+			d.ID = fmt.Sprintf("%s::replica-with-a-long-name-%06d", d.ID, i)
+			devs = append(devs, d)
+		}
+	}
+	r.d.Plugins().Update([]*sharing.Resource{sharing.NewResource(good.Name, devs)}, respond)
+	const metric = `gpu_plugin_resource_registered{resource="nvidia.com/gpu"} `
+	eventually(t, "/readyz naming the oversized list", func() (bool, string) {
+		code, body := get(t, base+"/readyz")
+		return code == 503 && strings.Contains(body, "nvidia.com/gpu not registered with the kubelet: the kubelet dropped the ListAndWatch stream") &&
+			strings.Contains(body, "over the kubelet's 4194304-byte gRPC message limit"), fmt.Sprintf("%d %q", code, body)
+	})
+	if _, body := get(t, base+"/metrics"); !strings.Contains(body, metric+"0") {
+		t.Errorf("/metrics lacks %s0 while the kubelet drops the stream", metric)
+	}
+	r.d.Plugins().Update([]*sharing.Resource{good}, respond)
+	waitReady(t, base)
+	if _, body := get(t, base+"/metrics"); !strings.Contains(body, metric+"1") {
+		t.Errorf("/metrics lacks %s1 after the fix", metric)
+	}
+	if c, a := r.kubelet.Capacity("nvidia.com/gpu"); c != 4 || a != 4 {
+		t.Errorf("the kubelet shows %d/%d after the fix, want 4/4", c, a)
 	}
 }

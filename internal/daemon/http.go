@@ -36,7 +36,8 @@ func (d *Daemon) newHTTPServer() (*httpServer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("metrics listener on %s (--metrics-address): %w", d.cfg.Daemon.MetricsAddress, err)
 	}
-	h := &httpServer{d: d, lis: lis, registry: prometheus.NewRegistry()}
+	limited := newConnLimiter(lis, maxHTTPConns)
+	h := &httpServer{d: d, lis: limited, registry: prometheus.NewRegistry()}
 	h.registry.MustRegister(
 		collectors.NewGoCollector(),
 		newCachedCollector(collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), time.Second),
@@ -53,7 +54,10 @@ func (d *Daemon) newHTTPServer() (*httpServer, error) {
 	mux := http.NewServeMux()
 	// With telemetry on, DCGM_* families are written from pre-rendered
 	// label sets after the registry's (telemetry.go).
-	mux.Handle("GET /metrics", d.metricsHandler(h.registry, promhttp.HandlerFor(h.registry, promhttp.HandlerOpts{ErrorLog: nil})))
+	// Scrapes are bounded and share renders (scrape.go).
+	mux.Handle("GET /metrics", newScrapeGate(
+		d.metricsHandler(h.registry, promhttp.HandlerFor(h.registry, promhttp.HandlerOpts{ErrorLog: nil})),
+		scrapesInFlight, scrapesQueued))
 	mux.HandleFunc("GET /healthz", h.healthz)
 	mux.HandleFunc("GET /readyz", h.readyz)
 	mux.HandleFunc("GET /debug/devices", h.debugDevices)
@@ -66,6 +70,7 @@ func (d *Daemon) newHTTPServer() (*httpServer, error) {
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
+		ConnState:         limited.track, // idle connections make room when full (connlimit.go)
 		// net/http's own complaints (TLS handshakes of clients that do not
 		// trust the certificate or speak plain HTTP) go to our logger, not
 		// the log package's stderr.

@@ -13,7 +13,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -277,7 +276,7 @@ func (r *reloader) reloadConfig(force bool) {
 	if path == "" {
 		return
 	}
-	raw, readErr := os.ReadFile(path)
+	raw, readErr := config.ReadConfigFile(path) // bounded: regular file, 1 MiB, deadline
 	sum := sha256.Sum256(raw)
 	if readErr != nil {
 		sum = sha256.Sum256([]byte(readErr.Error()))
@@ -571,7 +570,9 @@ var (
 		"How long the last GPU re-scan took.", nil, nil)
 	descLabelWrites = prometheus.NewDesc("gpu_plugin_node_labels_writes_total",
 		"Writes of the node labels file by result.", []string{"result"}, nil)
-	reloadDescs = []*prometheus.Desc{descReloads, descLastReloadOK, descLastReloadTime, descRescans, descRescanSeconds, descLabelWrites}
+	descConfigWarnings = prometheus.NewDesc("gpu_plugin_config_warnings",
+		"Warnings the config in force gives: unknown keys, keys written twice, settings ignored as NVIDIA's plugin ignores them; each is logged and listed by `gpu-plugin config check`.", nil, nil)
+	reloadDescs = []*prometheus.Desc{descReloads, descLastReloadOK, descLastReloadTime, descRescans, descRescanSeconds, descLabelWrites, descConfigWarnings}
 )
 
 // Collect implements prometheus.Collector from the counters.
@@ -598,4 +599,5 @@ func (r *reloader) Collect(ch chan<- prometheus.Metric) {
 	for _, res := range []string{"success", "failure"} {
 		ch <- prometheus.MustNewConstMetric(descLabelWrites, prometheus.CounterValue, float64(s.labelWrites[res]), res)
 	}
+	ch <- prometheus.MustNewConstMetric(descConfigWarnings, prometheus.GaugeValue, float64(len(r.config().Warnings())))
 }

@@ -244,6 +244,7 @@ func TestReloadValidInvalidValid(t *testing.T) {
 
 	// Valid: GPUs 0-3 shared ×4 under a new name, 4-7 stay whole.
 	e.write(`version: v1
+extensions: {resourceCustomization: true}
 sharing:
   timeSlicing:
     resources:
@@ -548,7 +549,7 @@ func TestStartRefusesDevicesMatchingNothing(t *testing.T) {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	path := filepath.Join(t.TempDir(), "config.yaml")
-	doc := "version: v1\nsharing:\n  timeSlicing:\n    resources:\n    - {name: gpu, rename: gpu.s, devices: [0, 8], replicas: 2}\n"
+	doc := "version: v1\nextensions: {resourceCustomization: true}\nsharing:\n  timeSlicing:\n    resources:\n    - {name: gpu, rename: gpu.s, devices: [0, 8], replicas: 2}\n"
 	if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -274,7 +274,7 @@ func (x *xidTracker) lastXIDs() map[int]uint64 {
 
 var (
 	resourceRegisteredDesc = prometheus.NewDesc("gpu_plugin_resource_registered",
-		"1 if the resource is registered with the kubelet (the kubelet connection is up), 0 if not.", []string{"resource"}, nil)
+		"1 if the resource is registered with the kubelet and the kubelet holds its ListAndWatch stream, 0 if not (/readyz says why).", []string{"resource"}, nil)
 	resourceDevicesDesc = prometheus.NewDesc("gpu_plugin_resource_devices",
 		"Devices advertised for the resource (replicas count one each).", []string{"resource"}, nil)
 	resourceStreamsDesc = prometheus.NewDesc("gpu_plugin_resource_list_and_watch_streams",

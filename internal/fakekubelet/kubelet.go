@@ -214,6 +214,21 @@ func (k *Kubelet) watch(ctx context.Context, p *plugin) {
 	}
 }
 
+// DropStream closes a resource's plugin connection without a restart, as
+// the kubelet does when its ListAndWatch receive fails (a device list over
+// its 4 MiB message limit): the stream ends, the devices turn unhealthy,
+// and only a new registration brings them back.
+func (k *Kubelet) DropStream(resource string) error {
+	k.mu.Lock()
+	p, ok := k.plugins[resource]
+	k.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("resource %s is not registered", resource)
+	}
+	p.cancel()
+	return p.conn.Close()
+}
+
 // Resources lists the registered resource names.
 func (k *Kubelet) Resources() []string {
 	k.mu.Lock()

@@ -2,7 +2,9 @@ package plugin
 
 import (
 	"crypto/rand"
+	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -52,8 +54,63 @@ func ResponseOptionsFrom(c *config.Config) ResponseOptions {
 		GDRCopy:             b(c.Flags.GDRCopyEnabled),
 		GDS:                 b(c.Flags.GDSEnabled),
 		MOFED:               b(c.Flags.MOFEDEnabled),
-		IMEXChannels:        c.IMEX.ChannelIDs,
+		IMEXChannels:        PresentIMEXChannels(c),
 	}
+}
+
+// imexChannelDir holds the IMEX channel device nodes the driver creates.
+const imexChannelDir = "/dev/nvidia-caps-imex-channels"
+
+// IMEXChannelPath is channel n's device node, as containers see it.
+func IMEXChannelPath(n int) string { return fmt.Sprintf("%s/channel%d", imexChannelDir, n) }
+
+// IMEXChannels checks the configured IMEX channels (imex.channelIDs) as
+// NVIDIA's plugin does at start: a channel is used only if its device node
+// exists as a character device, looked up under the driver root as mounted
+// in this container (--driver-root-ctr-path, when it has a dev directory)
+// and at /dev. It returns the channels found and one error per channel
+// missing; with imex.required, a missing channel is an error that must stop
+// the start.
+func IMEXChannels(c *config.Config) (present []int, missing []error, err error) {
+	root := config.Deref(c.Plugin().ContainerDriverRoot)
+	if fi, statErr := os.Stat(filepath.Join(root, "dev")); root == "" || statErr != nil || !fi.IsDir() {
+		root = "/"
+	}
+	for _, ch := range c.IMEX.ChannelIDs {
+		path := IMEXChannelPath(ch)
+		if e := charDevice(filepath.Join(root, path), path); e != nil {
+			if c.IMEX.Required != nil && *c.IMEX.Required {
+				return nil, nil, fmt.Errorf("imex.required: IMEX channel %d is required but %v; create the channel (the driver's nvidia-caps-imex-channels), or set imex.required: false (--imex-required=false) to start without it", ch, e)
+			}
+			missing = append(missing, fmt.Errorf("IMEX channel %d is not injected: %w", ch, e))
+			continue
+		}
+		present = append(present, ch)
+	}
+	return present, missing, nil
+}
+
+// PresentIMEXChannels is the channels IMEXChannels finds.
+func PresentIMEXChannels(c *config.Config) []int {
+	present, _, _ := IMEXChannels(c)
+	return present
+}
+
+// charDevice reports why none of paths is a character device, or nil.
+func charDevice(paths ...string) error {
+	var why []string
+	for _, p := range slices.Compact(paths) {
+		fi, err := os.Stat(p)
+		switch {
+		case err != nil:
+			why = append(why, err.Error())
+		case fi.Mode()&os.ModeCharDevice == 0:
+			why = append(why, p+" is not a character device")
+		default:
+			return nil
+		}
+	}
+	return errors.New(strings.Join(why, "; "))
 }
 
 func (o ResponseOptions) has(strategy string) bool {
@@ -131,6 +188,11 @@ func (o ResponseOptions) containerResponse(devices []*sharing.Device) (*pluginap
 					HostPath: "/dev/null", ContainerPath: filepath.Join(volumeMountsRoot, n), ReadOnly: true,
 				})
 			}
+			for _, ch := range o.IMEXChannels {
+				resp.Mounts = append(resp.Mounts, &pluginapi.Mount{
+					HostPath: "/dev/null", ContainerPath: filepath.Join(volumeMountsRoot, "imex", strconv.Itoa(ch)), ReadOnly: true,
+				})
+			}
 		}
 		if o.PassDeviceSpecs {
 			resp.Devices = o.deviceSpecs(devices)
@@ -176,14 +238,25 @@ func (o ResponseOptions) cdiAnnotationKey() (string, error) {
 func (o ResponseOptions) deviceSpecs(devices []*sharing.Device) []*pluginapi.DeviceSpec {
 	paths := []string{"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"}
 	seen := map[int]bool{}
+	seenCap := map[string]bool{}
 	for _, d := range devices {
 		if d.Minor >= 0 && !seen[d.Minor] {
 			seen[d.Minor] = true
 			paths = append(paths, fmt.Sprintf("/dev/nvidia%d", d.Minor))
 		}
+		// MIG caps (issue 16): a MIG device also needs its GPU and compute
+		// instances' /dev/nvidia-caps/nvidia-cap<N> nodes.
+		if d.MIG != nil {
+			for _, c := range d.MIG.CapDevicePaths {
+				if !seenCap[c] {
+					seenCap[c] = true
+					paths = append(paths, c)
+				}
+			}
+		}
 	}
 	for _, ch := range o.IMEXChannels {
-		paths = append(paths, fmt.Sprintf("/dev/nvidia-caps-imex-channels/channel%d", ch))
+		paths = append(paths, IMEXChannelPath(ch))
 	}
 	specs := make([]*pluginapi.DeviceSpec, len(paths))
 	for i, p := range paths {

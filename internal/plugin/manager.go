@@ -4,12 +4,14 @@
 package plugin
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"sort"
 	"sync"
@@ -19,6 +21,7 @@ import (
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
+	"github.com/gpu-plugin/gpu-plugin/internal/notify"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
 )
 
@@ -40,6 +43,19 @@ type Options struct {
 	// (defaults 10 ms and 5 s). A restarting kubelet creates kubelet.sock a
 	// moment before it accepts connections, so the first retries are quick.
 	MinBackoff, MaxBackoff time.Duration
+	// StreamGrace is how long the kubelet's ListAndWatch stream may be gone
+	// before the resource counts as unregistered and registers again, and
+	// how long a new stream must be held after such a drop before it counts
+	// as registered again (default 1 s). StreamOpenTimeout bounds the wait
+	// for the first stream after Register (default 10 s).
+	StreamGrace, StreamOpenTimeout time.Duration
+	// KubeletSocket is the kubelet's registration socket (--kubelet-socket);
+	// "" is kubelet.sock in SocketDir.
+	KubeletSocket string
+	// SkipRegistration serves the plugin sockets without registering them
+	// with a kubelet: NVIDIA's --kubelet-socket given empty. Readiness then
+	// needs only the servers to run.
+	SkipRegistration bool
 }
 
 // Manager runs the plugin servers. Its Run loop is the only goroutine that
@@ -49,6 +65,7 @@ type Manager struct {
 	log           *slog.Logger
 	kubeletSocket string
 	updates       chan update
+	streamed      notify.Signal // a ListAndWatch stream opened or ended
 
 	mu      sync.Mutex // guards servers for readers outside the loop
 	servers map[string]*server
@@ -77,10 +94,16 @@ func NewManager(opts Options) *Manager {
 	if opts.MaxBackoff <= 0 {
 		opts.MaxBackoff = 5 * time.Second
 	}
+	if opts.StreamGrace <= 0 {
+		opts.StreamGrace = time.Second
+	}
+	if opts.StreamOpenTimeout <= 0 {
+		opts.StreamOpenTimeout = 10 * time.Second
+	}
 	return &Manager{
 		opts:          opts,
 		log:           opts.Logger,
-		kubeletSocket: filepath.Join(opts.SocketDir, filepath.Base(pluginapi.KubeletSocket)),
+		kubeletSocket: cmp.Or(opts.KubeletSocket, filepath.Join(opts.SocketDir, filepath.Base(pluginapi.KubeletSocket))),
 		updates:       make(chan update, 1),
 		servers:       map[string]*server{},
 	}
@@ -106,7 +129,9 @@ func (m *Manager) Update(resources []*sharing.Resource, respond ResponseOptions)
 }
 
 // Run serves resources until ctx ends, then stops every server and removes
-// the sockets. It fails only if the socket directory cannot be watched.
+// the sockets. It fails only if the socket directory cannot be watched when
+// it starts; should the directory vanish later, the manager waits for it to
+// come back and watches it again.
 func (m *Manager) Run(ctx context.Context, resources []*sharing.Resource) error {
 	watcher, err := fsnotify.NewWatcher()
 	if err != nil {
@@ -122,6 +147,9 @@ func (m *Manager) Run(ctx context.Context, resources []*sharing.Resource) error 
 	m.mu.Lock()
 	m.started = true
 	m.mu.Unlock()
+	if m.opts.SkipRegistration {
+		m.log.Info("not registering with a kubelet (--kubelet-socket is empty); serving the plugin sockets only", "dir", m.opts.SocketDir)
+	}
 	ticker := time.NewTicker(m.opts.PollInterval)
 	defer ticker.Stop()
 
@@ -133,29 +161,36 @@ func (m *Manager) Run(ctx context.Context, resources []*sharing.Resource) error 
 	// starts a fresh one. An attempt made to the new kubelet already goes
 	// on: cancelling it after the kubelet dialled back leaks that
 	// connection in the kubelet (v1.37 closes it on no error path).
-	backoff := m.opts.MinBackoff
-	retry := time.NewTimer(0)
-	defer retry.Stop()
+	r := newRetrier(m.opts.MinBackoff, m.opts.MaxBackoff)
+	defer r.timer.Stop()
 	var attempt context.CancelFunc // nil when none is in flight
 	var attemptTo os.FileInfo      // kubelet.sock when the attempt began; nil if missing
 	attemptDone := make(chan error, 1)
-	again := false // retry as soon as the attempt in flight ends
 	defer func() {
 		if attempt != nil {
 			attempt()
 			<-attemptDone
 		}
 	}()
-	retryNow := func() {
-		backoff = m.opts.MinBackoff
-		if attempt != nil {
-			again = true
-			return
+	// Stream liveness: a wake-up when a ListAndWatch stream opens or ends,
+	// and a timer for the next grace window to run out.
+	streamCheck := time.NewTimer(time.Hour)
+	streamCheck.Stop()
+	defer streamCheck.Stop()
+	checkStreams := func() {
+		if next := m.checkStreams(time.Now(), r); !next.IsZero() {
+			streamCheck.Reset(time.Until(next))
 		}
-		retry.Reset(0)
+		if r.due && attempt == nil {
+			r.arm()
+		}
 	}
+	watching := true
+	watchedDir := filepath.Clean(m.opts.SocketDir) // as fsnotify lists it
+	var regCause string                            // the registration failure last logged
 
 	for {
+		streamed := m.streamed.C()
 		select {
 		case <-ctx.Done():
 			return nil
@@ -170,10 +205,10 @@ func (m *Manager) Run(ctx context.Context, resources []*sharing.Resource) error 
 				}
 				m.restartMissing()
 				m.markUnregistered(m.kubeletSocketCreated())
-				retryNow()
+				r.now(attempt != nil)
 			} else if ev.Has(fsnotify.Remove) || ev.Has(fsnotify.Rename) {
 				if m.restartMissing() {
-					retryNow()
+					r.now(attempt != nil)
 				}
 			}
 		case err, ok := <-watcher.Errors:
@@ -181,13 +216,29 @@ func (m *Manager) Run(ctx context.Context, resources []*sharing.Resource) error 
 				m.log.Warn("socket directory watch error", "err", err)
 			}
 		case <-ticker.C:
-			if m.restartMissing() {
-				retryNow()
+			if !watching || !slices.Contains(watcher.WatchList(), watchedDir) {
+				// inotify drops the watch of a deleted directory: add it
+				// again once the directory is back.
+				watching = watcher.Add(m.opts.SocketDir) == nil
+				if watching {
+					m.log.Info("kubelet device-plugin directory present again: watching it", "dir", watchedDir)
+				}
 			}
+			if m.restartMissing() {
+				r.now(attempt != nil)
+			}
+		case <-streamed:
+			checkStreams()
+		case <-streamCheck.C:
+			checkStreams()
 		case u := <-m.updates:
 			m.apply(u.resources, u.respond)
-			retryNow()
-		case <-retry.C:
+			r.now(attempt != nil)
+		case <-r.timer.C:
+			r.fired()
+			if m.opts.SkipRegistration {
+				continue
+			}
 			// A restarting kubelet deletes our socket; never send it to a
 			// missing one.
 			m.restartMissing()
@@ -198,17 +249,195 @@ func (m *Manager) Run(ctx context.Context, resources []*sharing.Resource) error 
 		case err := <-attemptDone:
 			attempt()
 			attempt = nil
-			switch {
-			case again:
-				again = false
-				retry.Reset(0)
-			case err != nil:
-				m.log.Debug("registration failed, retrying", "in", backoff, "err", err)
-				retry.Reset(backoff)
-				backoff = min(backoff*2, m.opts.MaxBackoff)
-			default:
-				backoff = m.opts.MinBackoff
+			if err != nil {
+				cause := kubeletCause(m.opts.SocketDir, m.kubeletSocket, err)
+				m.setRegisterCause(cause)
+				if cause != regCause {
+					m.log.Warn("cannot register with the kubelet; retrying quietly until the cause changes", "cause", cause)
+					regCause = cause
+				}
+				m.log.Debug("registration failed, retrying", "in", r.backoff, "err", err)
+			} else {
+				regCause = ""
 			}
+			r.attemptEnded(err != nil)
+			checkStreams() // a new registration's stream must open in time
+		}
+	}
+}
+
+// retrier schedules registration attempts: at once after an event that
+// may have fixed things (a new kubelet, an update), else with a backoff
+// that doubles from min to max while attempts fail. Dropped streams have
+// their own backoff (drop): a registration that the kubelet accepts and
+// then drops at once counts as a failure too.
+type retrier struct {
+	min, max time.Duration
+	backoff  time.Duration
+	drop     time.Duration
+	lastDrop time.Time
+	timer    *time.Timer
+	armed    bool      // timer set to fire
+	armedAt  time.Time // when it fires
+	due      bool      // an attempt is wanted (armed when none is in flight)
+	dueIn    time.Duration
+}
+
+func newRetrier(minB, maxB time.Duration) *retrier {
+	return &retrier{min: minB, max: maxB, backoff: minB, drop: minB, timer: time.NewTimer(0), armed: true, armedAt: time.Now()}
+}
+
+// now wants an attempt at once and resets the backoffs.
+func (r *retrier) now(inFlight bool) {
+	r.backoff, r.drop = r.min, r.min
+	r.after(0, inFlight)
+}
+
+// after wants an attempt within d (sooner if one is already due sooner).
+func (r *retrier) after(d time.Duration, inFlight bool) {
+	if r.due && r.dueIn <= d {
+		return
+	}
+	r.due, r.dueIn = true, d
+	if !inFlight {
+		r.arm()
+	}
+}
+
+// arm sets the timer for the wanted attempt, unless it fires sooner
+// anyway.
+func (r *retrier) arm() {
+	if !r.due {
+		return
+	}
+	r.due = false
+	at := time.Now().Add(r.dueIn)
+	if r.armed && !at.Before(r.armedAt) {
+		return
+	}
+	r.timer.Stop()
+	r.timer.Reset(r.dueIn)
+	r.armed, r.armedAt = true, at
+}
+
+func (r *retrier) fired() { r.armed = false }
+
+// attemptEnded schedules what follows an attempt: what became due while it
+// ran, else a retry with backoff after a failure.
+func (r *retrier) attemptEnded(failed bool) {
+	switch {
+	case r.due:
+		r.arm()
+	case failed:
+		r.due, r.dueIn = true, r.backoff
+		r.arm()
+		r.backoff = min(r.backoff*2, r.max)
+	default:
+		r.backoff = r.min
+	}
+}
+
+// dropped schedules the re-registration after a dropped stream. The drop
+// backoff restarts from min when the last drop is long past.
+func (r *retrier) dropped(now time.Time, inFlight bool) {
+	if now.Sub(r.lastDrop) > time.Minute {
+		r.drop = r.min
+	}
+	r.lastDrop = now
+	r.after(r.drop, inFlight)
+	r.drop = min(r.drop*2, r.max)
+}
+
+// checkStreams applies stream liveness to every registered server: one
+// whose kubelet stream is gone for longer than the grace window (or never
+// opened within streamOpenTimeout of Register) no longer counts as
+// registered and is registered again; one registered again after a drop
+// counts once the kubelet has held its new stream for the grace window.
+// It returns when to check next (zero: nothing pending).
+func (m *Manager) checkStreams(now time.Time, r *retrier) time.Time {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var next time.Time
+	later := func(t time.Time) {
+		if next.IsZero() || t.Before(next) {
+			next = t
+		}
+	}
+	for _, s := range m.servers {
+		if !s.stats.linked.Load() {
+			continue
+		}
+		open, opened, ended, ok := s.streamInfo()
+		if !ok {
+			continue
+		}
+		if open > 0 {
+			if !s.stats.confirm.Load() {
+				continue
+			}
+			// Held: the kubelet has kept the stream for the grace window
+			// since the last list went out, and that list is one it can
+			// receive (a bigger one ends the stream as soon as it arrives,
+			// however long sending it takes).
+			l := s.stats.lastList.Load()
+			if l == nil || !l.deliverable() || l.sent.IsZero() {
+				continue
+			}
+			if held := later2(opened, l.sent).Add(m.opts.StreamGrace); now.Before(held) {
+				later(held)
+				continue
+			}
+			s.stats.confirm.Store(false)
+			s.stats.registered.Store(true)
+			s.setCause("")
+			r.drop = m.opts.MinBackoff
+			m.log.Info("registered with the kubelet again: it holds the ListAndWatch stream", "resource", s.name)
+			continue
+		}
+		// The kubelet opens the stream while Register returns: a stream
+		// of this registration may end before registeredAt is set.
+		since, window := time.Unix(0, s.stats.registeredAt.Load()), m.opts.StreamOpenTimeout
+		streamedSince := ended.After(time.Unix(0, s.stats.attemptAt.Load()))
+		if streamedSince {
+			since, window = later2(since, ended), m.opts.StreamGrace
+		}
+		if deadline := since.Add(window); now.Before(deadline) {
+			later(deadline)
+			continue
+		}
+		cause := s.dropCause()
+		if !streamedSince {
+			cause = fmt.Sprintf("the kubelet accepted the registration but opened no ListAndWatch stream within %v", window)
+		}
+		wasCounted := s.stats.registered.Load()
+		s.unlink()
+		s.stats.confirm.Store(true)
+		if old := s.stats.lastRegisterErr.Load(); wasCounted || old == nil || *old != cause {
+			m.log.Warn("resource unregistered: registering again with backoff", "resource", s.name, "cause", cause)
+		} else {
+			m.log.Debug("kubelet stream dropped again", "resource", s.name, "cause", cause)
+		}
+		s.setCause(cause)
+		r.dropped(now, true) // armed by the caller unless an attempt is in flight
+	}
+	return next
+}
+
+func later2(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
+// setRegisterCause records a registration failure on every server that
+// waits for registration.
+func (m *Manager) setRegisterCause(cause string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, s := range m.servers {
+		if s.running() && !s.stats.linked.Load() {
+			s.setCause(cause)
 		}
 	}
 }
@@ -238,9 +467,12 @@ func (m *Manager) apply(resources []*sharing.Resource, respond ResponseOptions) 
 			continue
 		}
 		s := newServer(r, m.opts.SocketDir, m.opts.Health, respond, m.opts.Preferrer, m.opts.Events, m.log)
+		s.streamed = &m.streamed
 		m.servers[r.Name] = s
 		if err := s.start(); err != nil {
-			m.log.Error("cannot start plugin server; retrying", "resource", r.Name, "err", err)
+			s.startCause = dirCause(m.opts.SocketDir, err)
+			s.setCause(s.startCause)
+			m.log.Error("cannot serve the plugin socket; retrying quietly until the cause changes", "resource", r.Name, "cause", s.startCause)
 		}
 		m.log.Info("serving resource", "resource", r.Name, "devices", len(r.Devices), "socket", s.socket)
 	}
@@ -254,7 +486,7 @@ func sameResource(a, b *sharing.Resource) bool {
 
 // sameDevice compares everything Allocate, ListAndWatch and health read.
 func sameDevice(x, y sharing.Device) bool {
-	sameMIG := (x.MIG == nil) == (y.MIG == nil) && (x.MIG == nil || *x.MIG == *y.MIG)
+	sameMIG := (x.MIG == nil) == (y.MIG == nil) && (x.MIG == nil || reflect.DeepEqual(*x.MIG, *y.MIG))
 	return x.ID == y.ID && x.Physical == y.Physical && x.GPUIndex == y.GPUIndex && x.GPUUUID == y.GPUUUID &&
 		x.Replica == y.Replica && x.NUMANode == y.NUMANode && x.Minor == y.Minor && sameMIG &&
 		slices.Equal(x.MIGChildren, y.MIGChildren)
@@ -262,7 +494,8 @@ func sameDevice(x, y sharing.Device) bool {
 
 // restartMissing restarts every server whose socket is gone (the kubelet
 // deletes all sockets when it starts) or that is not running. It reports
-// whether any was restarted.
+// whether any was restarted. A server that keeps failing to start logs
+// once per distinct cause.
 func (m *Manager) restartMissing() bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -271,11 +504,25 @@ func (m *Manager) restartMissing() bool {
 		if _, err := os.Lstat(s.socket); err == nil && s.running() {
 			continue
 		}
-		m.log.Info("plugin socket missing: restarting the plugin server", "resource", s.name, "socket", s.socket)
+		if s.startCause == "" {
+			m.log.Info("plugin socket missing: restarting the plugin server", "resource", s.name, "socket", s.socket)
+		}
 		s.stop()
 		if err := s.start(); err != nil {
-			m.log.Error("cannot restart plugin server", "resource", s.name, "err", err)
+			cause := dirCause(m.opts.SocketDir, err)
+			if cause != s.startCause {
+				m.log.Error("cannot serve the plugin socket; retrying quietly until the cause changes", "resource", s.name, "cause", cause)
+				s.startCause = cause
+			} else {
+				m.log.Debug("plugin server still cannot start", "resource", s.name)
+			}
+			s.setCause(cause)
 			continue
+		}
+		if s.startCause != "" {
+			m.log.Info("plugin server serving again", "resource", s.name, "socket", s.socket)
+			s.startCause = ""
+			s.setCause("")
 		}
 		restarted = true
 	}
@@ -294,7 +541,7 @@ func (m *Manager) markUnregistered(created time.Time) {
 	defer m.mu.Unlock()
 	for _, s := range m.servers {
 		if s.stats.registeredAt.Load() <= created.UnixNano() {
-			s.stats.registered.Store(false)
+			s.unlink()
 		}
 	}
 }
@@ -324,18 +571,22 @@ func (m *Manager) registerPending(ctx context.Context) error {
 	m.mu.Lock()
 	var pending []*server
 	for _, s := range m.servers {
-		if s.running() && !s.stats.registered.Load() {
+		if s.running() && !s.stats.linked.Load() {
 			pending = append(pending, s)
 		}
 	}
 	m.mu.Unlock()
 	var errs []error
 	for _, s := range pending {
-		if err := s.register(ctx, m.kubeletSocket); err != nil {
+		counted, err := s.register(ctx, m.kubeletSocket)
+		switch {
+		case err != nil:
 			errs = append(errs, err)
-			continue
+		case counted:
+			m.log.Info("registered with the kubelet", "resource", s.name)
+		default:
+			m.log.Debug("registered again; counted once the kubelet holds the stream", "resource", s.name)
 		}
-		m.log.Info("registered with the kubelet", "resource", s.name)
 	}
 	return errors.Join(errs...)
 }
@@ -391,6 +642,9 @@ func (m *Manager) Registered() bool {
 	m.mu.Unlock()
 	if !started {
 		return false
+	}
+	if m.opts.SkipRegistration {
+		return true
 	}
 	for _, st := range m.Status() {
 		if !st.Registered {

@@ -34,6 +34,7 @@ type env struct {
 	health  *health.State
 	mgr     *plugin.Manager
 	kubelet *fakekubelet.Kubelet
+	logs    *testkit.Buffer // the manager's log, Debug and up
 	cancel  context.CancelFunc
 	done    chan error
 }
@@ -66,7 +67,13 @@ func startEnv(t testing.TB, profile string, respond plugin.ResponseOptions, star
 // startEnvWith serves an inventory with a given preferrer (nil: FirstFit).
 func startEnvWith(t testing.TB, inv *nvml.Inventory, respond plugin.ResponseOptions, startKubelet bool, pref plugin.Preferrer) *env {
 	t.Helper()
-	e := &env{dir: shortTempDir(t), inv: inv, health: health.NewState(nil, nil), done: make(chan error, 1)}
+	return startEnvAt(t, shortTempDir(t), inv, respond, startKubelet, pref)
+}
+
+// startEnvAt is startEnvWith in a given socket directory.
+func startEnvAt(t testing.TB, dir string, inv *nvml.Inventory, respond plugin.ResponseOptions, startKubelet bool, pref plugin.Preferrer) *env {
+	t.Helper()
+	e := &env{dir: dir, inv: inv, health: health.NewState(nil, nil), done: make(chan error, 1), logs: &testkit.Buffer{}}
 	if startKubelet {
 		k, err := fakekubelet.Start(e.dir, nil)
 		if err != nil {
@@ -78,7 +85,8 @@ func startEnvWith(t testing.TB, inv *nvml.Inventory, respond plugin.ResponseOpti
 	e.mgr = plugin.NewManager(plugin.Options{
 		SocketDir: e.dir, Health: e.health, Respond: respond, Preferrer: pref,
 		PollInterval: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
-		Logger: slog.New(slog.DiscardHandler),
+		StreamGrace: 50 * time.Millisecond,
+		Logger:      slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	})
 	resources, err := sharing.Build(e.inv, sharing.Options{MigStrategy: config.MigNone})
 	if err != nil {

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
@@ -68,26 +69,61 @@ type server struct {
 
 	res     atomic.Pointer[sharing.Resource]
 	changed notify.Signal // the resource was replaced
+	// streamed is notified whenever a ListAndWatch stream opens or ends
+	// (the manager's stream-liveness check); nil in no manager.
+	streamed *notify.Signal
 
 	mu      sync.Mutex
 	grpc    *grpc.Server
 	gen     uint64         // counts starts, so a registration knows which server it announced
 	streams map[uint64]int // open ListAndWatch streams by generation
-	served  chan struct{}  // closed when the current Serve returns
-	stopped chan struct{}  // closed by stop, ends ListAndWatch streams
+	// When the newest stream of the current generation opened, and when
+	// the last one of it ended; zero when none did.
+	streamOpened, streamEnded time.Time
+	served                    chan struct{} // closed when the current Serve returns
+	stopped                   chan struct{} // closed by stop, ends ListAndWatch streams
+
+	// Owned by the manager's loop: why the server could not start, as last
+	// logged ("" while it serves).
+	startCause string
 
 	stats serverStats
 }
+
+// listInfo describes the last device list ListAndWatch tried to send.
+type listInfo struct {
+	devices int
+	bytes   int       // encoded size; the kubelet refuses more than kubeletMaxMessage
+	sent    time.Time // when Send returned without error; zero before
+}
+
+// deliverable reports whether the kubelet can receive the list at all.
+func (l *listInfo) deliverable() bool { return l.bytes <= kubeletMaxMessage }
+
+// kubeletMaxMessage is the largest message the kubelet's device manager
+// receives on a ListAndWatch stream: gRPC's default receive limit, 4 MiB,
+// which the kubelet does not raise (tests/kubelet/liveness_test.go sends it
+// a bigger list and watches it drop the stream).
+const kubeletMaxMessage = 4 << 20
 
 // serverStats are counters read by metrics and /debug.
 type serverStats struct {
 	allocations      atomic.Uint64
 	allocationErrors atomic.Uint64
 	registrations    atomic.Uint64
-	registered       atomic.Bool
-	registeredAt     atomic.Int64 // unix nanoseconds of the last successful Register
-	lastRegisterErr  atomic.Pointer[string]
-	streams          atomic.Int64
+	// linked: Register succeeded for the running server generation and the
+	// kubelet has not dropped its stream since. registered: linked, and
+	// counted as such (readiness, metrics). They differ after a dropped
+	// stream: the resource then counts as registered again only once the
+	// kubelet has held a new stream for the manager's grace window.
+	linked          atomic.Bool
+	registered      atomic.Bool
+	confirm         atomic.Bool  // a drop was reported: wait for a held stream
+	attemptAt       atomic.Int64 // unix nanoseconds when the last Register call began
+	registeredAt    atomic.Int64 // unix nanoseconds of the last successful Register
+	lastRegisterErr atomic.Pointer[string]
+	streams         atomic.Int64
+	lastList        atomic.Pointer[listInfo]
 }
 
 // Events are optional hooks for other parts of the daemon.
@@ -135,6 +171,7 @@ func (s *server) start() error {
 	pluginapi.RegisterDevicePluginServer(g, s)
 	s.grpc, s.served, s.stopped = g, make(chan struct{}), make(chan struct{})
 	s.gen++
+	s.streamOpened, s.streamEnded = time.Time{}, time.Time{}
 	served := s.served
 	go func() {
 		defer close(served)
@@ -164,6 +201,12 @@ func (s *server) stop() {
 	close(stopped)
 	g.Stop()
 	<-served
+	s.unlink()
+}
+
+// unlink forgets the registration: the kubelet must be told again.
+func (s *server) unlink() {
+	s.stats.linked.Store(false)
 	s.stats.registered.Store(false)
 }
 
@@ -187,21 +230,35 @@ func (s *server) watched(gen uint64) bool {
 	return s.grpc != nil && s.gen == gen && s.streams[gen] > 0
 }
 
+// streamInfo reports the open streams of the running generation, when the
+// newest of them opened and when the last one ended.
+func (s *server) streamInfo() (open int, opened, ended time.Time, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.grpc == nil {
+		return 0, time.Time{}, time.Time{}, false
+	}
+	return s.streams[s.gen], s.streamOpened, s.streamEnded, true
+}
+
 // register announces the resource to the kubelet. It runs outside the
 // manager's loop; should the server restart meanwhile, the kubelet may have
-// dialled the old one, so the registration does not count.
-func (s *server) register(ctx context.Context, kubeletSocket string) error {
+// dialled the old one, so the registration does not count. counted says
+// whether the resource now counts as registered: not yet after a dropped
+// stream (see serverStats).
+func (s *server) register(ctx context.Context, kubeletSocket string) (counted bool, err error) {
 	gen, ok := s.generation()
 	if !ok {
-		return fmt.Errorf("%s: plugin server not running", s.name)
+		return false, fmt.Errorf("%s: plugin server not running", s.name)
 	}
 	conn, err := grpc.NewClient("unix:"+kubeletSocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		return fmt.Errorf("connecting to the kubelet at %s: %w", kubeletSocket, err)
+		return false, fmt.Errorf("connecting to the kubelet at %s: %w", kubeletSocket, err)
 	}
 	defer conn.Close()
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
+	s.stats.attemptAt.Store(time.Now().UnixNano())
 	_, err = pluginapi.NewRegistrationClient(conn).Register(ctx, &pluginapi.RegisterRequest{
 		Version:      pluginapi.Version,
 		Endpoint:     filepath.Base(s.socket),
@@ -215,18 +272,45 @@ func (s *server) register(ctx context.Context, kubeletSocket string) error {
 		err = nil
 	}
 	if err != nil {
-		msg := err.Error()
-		s.stats.lastRegisterErr.Store(&msg)
-		return fmt.Errorf("registering %s with the kubelet at %s: %w", s.name, kubeletSocket, err)
+		return false, fmt.Errorf("registering %s with the kubelet at %s: %w", s.name, kubeletSocket, err)
 	}
 	s.stats.registrations.Add(1)
 	if now, ok := s.generation(); !ok || now != gen {
-		return fmt.Errorf("%s: plugin server restarted while registering; registering again", s.name)
+		return false, fmt.Errorf("%s: plugin server restarted while registering; registering again", s.name)
 	}
 	s.stats.registeredAt.Store(time.Now().UnixNano())
+	s.stats.linked.Store(true)
+	if s.stats.confirm.Load() {
+		return false, nil
+	}
 	s.stats.registered.Store(true)
 	s.stats.lastRegisterErr.Store(nil)
-	return nil
+	return true, nil
+}
+
+// setCause records why the resource is not registered ("" clears it).
+func (s *server) setCause(cause string) {
+	if cause == "" {
+		s.stats.lastRegisterErr.Store(nil)
+		return
+	}
+	s.stats.lastRegisterErr.Store(&cause)
+}
+
+// dropCause says why the kubelet's stream ended, naming an oversized
+// device list when that is the likely reason.
+func (s *server) dropCause() string {
+	if l := s.stats.lastList.Load(); l != nil && l.bytes > kubeletMaxMessage {
+		return fmt.Sprintf("the kubelet dropped the ListAndWatch stream: the device list (%d devices, %d bytes) is over the kubelet's %d-byte gRPC message limit; lower replicas or split the resource",
+			l.devices, l.bytes, kubeletMaxMessage)
+	}
+	return "the kubelet dropped the ListAndWatch stream without restarting"
+}
+
+func (s *server) notifyStreamed() {
+	if s.streamed != nil {
+		s.streamed.Notify()
+	}
 }
 
 func (s *server) options() *pluginapi.DevicePluginOptions {
@@ -253,15 +337,21 @@ func (s *server) ListAndWatch(_ *pluginapi.Empty, stream pluginapi.DevicePlugin_
 		s.streams = map[uint64]int{}
 	}
 	s.streams[gen]++
+	s.streamOpened = time.Now()
 	s.mu.Unlock()
 	s.stats.streams.Add(1)
+	s.notifyStreamed()
 	defer func() {
 		s.stats.streams.Add(-1)
 		s.mu.Lock()
 		if s.streams[gen]--; s.streams[gen] == 0 {
 			delete(s.streams, gen)
 		}
+		if gen == s.gen {
+			s.streamEnded = time.Now()
+		}
 		s.mu.Unlock()
+		s.notifyStreamed()
 	}()
 	var last []*pluginapi.Device
 	for {
@@ -269,9 +359,15 @@ func (s *server) ListAndWatch(_ *pluginapi.Empty, stream pluginapi.DevicePlugin_
 		healthChanged, resChanged := s.health.Changed(), s.changed.C()
 		devs := s.deviceList()
 		if !sameDevices(devs, last) {
-			if err := stream.Send(&pluginapi.ListAndWatchResponse{Devices: devs}); err != nil {
+			resp := &pluginapi.ListAndWatchResponse{Devices: devs}
+			info := &listInfo{devices: len(devs), bytes: proto.Size(resp)}
+			s.stats.lastList.Store(info)
+			if err := stream.Send(resp); err != nil {
+				s.log.Debug("device list not delivered; the kubelet's stream ended", "devices", info.devices, "bytes", info.bytes, "err", err)
 				return err
 			}
+			s.stats.lastList.Store(&listInfo{devices: info.devices, bytes: info.bytes, sent: time.Now()})
+			s.notifyStreamed()
 			s.log.Debug("sent device list", "devices", len(devs), "unhealthy", countUnhealthy(devs))
 			last = devs
 		}

@@ -72,10 +72,6 @@ func Build(inv *nvml.Inventory, opts Options) ([]*Resource, error) {
 	return p.Resources, nil
 }
 
-// maxDevicesPerResource is where a device list nears the 4 MiB default gRPC
-// message size the kubelet receives ListAndWatch replies with.
-const maxDevicesPerResource = 40000
-
 // NewPlan derives the resources and says what it could not apply. Errors
 // name the GPU or the config field at fault and how to fix it.
 func NewPlan(inv *nvml.Inventory, opts Options) (*Plan, error) {
@@ -106,8 +102,8 @@ func NewPlan(inv *nvml.Inventory, opts Options) (*Plan, error) {
 		return nil, err
 	}
 	for _, r := range b.plan.Resources {
-		if len(r.Devices) > maxDevicesPerResource {
-			b.warn("%s has %d devices; lists this long may exceed the kubelet's 4 MiB gRPC message limit, lower the replicas", r.Name, len(r.Devices))
+		if len(r.Devices) > config.MaxDevicesPerResource {
+			return nil, fmt.Errorf("%s would have %d devices, more than the %d one resource may advertise (the kubelet drops a longer list: its gRPC message limit is 4 MiB)", r.Name, len(r.Devices), config.MaxDevicesPerResource)
 		}
 	}
 	return b.plan, nil
@@ -258,7 +254,7 @@ func (b *builder) mixed(gpus []*nvml.GPU) {
 		for _, m := range g.MIGDevices {
 			name := b.migName(m.Profile, false)
 			if name == "" {
-				b.warn("%s MIG device %d (%s) has profile %s, which no resource name matches (compute-instance subdivisions have no default name; add a resources.mig rule): not advertised",
+				b.warn("%s MIG device %d (%s) has profile %s, which no resource name matches (compute-instance subdivisions have no default name; with --resource-customization a resources.mig rule can name them): not advertised, as by NVIDIA's plugin",
 					gpuLabel(g), m.Index, m.UUID, m.Profile)
 				continue
 			}
@@ -305,6 +301,16 @@ func (b *builder) share() error {
 			out := ts.SharedName(e)
 			if prev, ok := byName[out]; ok {
 				return &config.FieldError{Path: field, Msg: fmt.Sprintf("shares under the name %s, as %s does; give each entry its own rename", out, prev.field)}
+			}
+			// Bound the list before building it: replicas comes from a
+			// file, and the kubelet takes at most so many devices anyway.
+			if e.Replicas < 2 || e.Replicas > config.MaxReplicas {
+				return &config.FieldError{Path: field + ".replicas", Msg: fmt.Sprintf("%d is not allowed: want 2 to %d", e.Replicas, config.MaxReplicas)}
+			}
+			if total := int64(len(sel)) * int64(e.Replicas); total > config.MaxDevicesPerResource {
+				return &config.FieldError{Path: field + ".replicas", Msg: fmt.Sprintf(
+					"%d replicas × %d %s devices = %d devices, more than the %d one resource may advertise (the kubelet drops a longer list: its gRPC message limit is 4 MiB); lower replicas to at most %d",
+					e.Replicas, len(sel), e.Name, total, config.MaxDevicesPerResource, config.MaxDevicesPerResource/len(sel))}
 			}
 			replicas := make([]Device, 0, len(sel)*e.Replicas)
 			for _, d := range sel {
@@ -379,7 +385,7 @@ func selectDevices(devs []Device, sel *config.Devices, path, resource string) ([
 			return nil, &config.FieldError{Path: fmt.Sprintf("%s[%d]", path, i), Msg: noMatch(devs, ref, resource)}
 		}
 		if picked[k] {
-			return nil, &config.FieldError{Path: fmt.Sprintf("%s[%d]", path, i), Msg: fmt.Sprintf("%q names %s, which an earlier entry already names", ref, devs[k].IndexID())}
+			return nil, &config.FieldError{Path: fmt.Sprintf("%s[%d]", path, i), Msg: fmt.Sprintf("%s names %s, which an earlier entry already names", config.Quote(ref), devs[k].IndexID())}
 		}
 		picked[k] = true
 	}
@@ -457,7 +463,7 @@ func noMatch(devs []Device, ref, resource string) string {
 	if len(ids) > most {
 		list += fmt.Sprintf(", … (%d in all)", len(ids))
 	}
-	return fmt.Sprintf("%q matches no %s device on this node%s; allowed: %s, or their UUIDs", ref, resource, hint, list)
+	return fmt.Sprintf("%s matches no %s device on this node%s; allowed: %s, or their UUIDs", config.Quote(ref), resource, hint, list)
 }
 
 // Match reports whether name matches pattern as a whole, '*' standing for

@@ -211,6 +211,11 @@ func (s *Sampler) SampleOnce(ctx context.Context) {
 	out := s.out[:n]
 	clear(out)
 	err := s.sample(ctx, inv, layout, out)
+	if ctx.Err() != nil {
+		// Cut short by shutdown (a failed start among others): the
+		// devices did not fail, so nothing is published or logged.
+		return
+	}
 	if err != nil {
 		for i := range out {
 			out[i] = Result{Err: err}

@@ -36,6 +36,7 @@ gpus:
   - {model: A100-SXM4-40GB, numaNode: 1, migEnabled: true, migDevices: [3g.20gb, 3g.20gb]}
 `
 	autoscaleConfig = `version: v1
+extensions: {resourceCustomization: true} # rename and devices below apply
 flags:
   migStrategy: mixed
 sharing:

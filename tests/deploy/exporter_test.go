@@ -165,7 +165,69 @@ func scrapeSimulated(profile string) (map[string]*dto.MetricFamily, error) {
 	if err := kubelet.WaitFor(wait, func(*fakekubelet.Kubelet) bool { return allocatable() < before }); err != nil {
 		return nil, fmt.Errorf("the injected XID did not reach the kubelet: %w", err)
 	}
-	return scrape(base + "/metrics")
+	// The kubelet hears of the XID from the health monitor at once; the
+	// telemetry sampler records it (and the injected utilisation) at its
+	// next round. Wait for what the callers compare against, not for a
+	// proxy of it: scrape until every injected event shows.
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		fams, err := scrape(base + "/metrics")
+		if err != nil {
+			return nil, err
+		}
+		missing := notYetScraped(fams)
+		if missing == "" {
+			return fams, nil
+		}
+		select {
+		case <-tick.C:
+		case <-wait.Done():
+			return nil, fmt.Errorf("the injected events never all reached /metrics (missing: %s): %w", missing, wait.Err())
+		}
+	}
+}
+
+// notYetScraped names the first injected event scrapeSimulated's scrape
+// does not show yet, or "" when all do: GPU 7's XID (DCGM_FI_DEV_XID_ERRORS
+// and the daemon's counter) and its utilisation of 77 %. (The attributed
+// pod is awaited above, through the pod-resources List calls.)
+func notYetScraped(fams map[string]*dto.MetricFamily) string {
+	gpu7 := func(family string, ok func(float64) bool) bool {
+		f := fams[family]
+		if f == nil {
+			return false
+		}
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "gpu" && l.GetValue() == "7" && ok(metricValue(m)) {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	switch {
+	case !gpu7("DCGM_FI_DEV_XID_ERRORS", func(v float64) bool { return v == 48 || v == 13 }):
+		return "DCGM_FI_DEV_XID_ERRORS 48 or 13 on GPU 7"
+	case !gpu7("DCGM_FI_DEV_GPU_UTIL", func(v float64) bool { return v == 77 }):
+		return "DCGM_FI_DEV_GPU_UTIL 77 on GPU 7"
+	case fams["gpu_plugin_xid_errors_total"] == nil:
+		return "gpu_plugin_xid_errors_total"
+	}
+	return ""
+}
+
+func metricValue(m *dto.Metric) float64 {
+	switch {
+	case m.Gauge != nil:
+		return m.GetGauge().GetValue()
+	case m.Counter != nil:
+		return m.GetCounter().GetValue()
+	case m.Untyped != nil:
+		return m.GetUntyped().GetValue()
+	}
+	return 0
 }
 
 func call(method, url, body string) error {

@@ -71,3 +71,28 @@ func reportSpread(b *testing.B, took []time.Duration) {
 	b.ReportMetric(float64(took[len(took)/2].Microseconds())/1000, "ms-p50")
 	b.ReportMetric(float64(took[len(took)-1].Microseconds())/1000, "ms-max")
 }
+
+// BenchmarkStreamDropToCapacity: the real device manager's connection to
+// our plugin is closed under a running kubelet (as when its receive fails);
+// the time until its capacity is allocatable again. The daemon's 1 s
+// stream grace window (plugin.Options.StreamGrace) is most of it.
+func BenchmarkStreamDropToCapacity(b *testing.B) {
+	k := startKubelet(b)
+	p := startPlugin(b, "--rescan-interval=0")
+	k.waitCapacity(gpuResource, dgxH100)
+	p.waitRegistered("first registration")
+	var took []time.Duration
+	for b.Loop() {
+		start := time.Now()
+		if n := closePluginConnections(b, p.socket(gpuResource)); n == 0 {
+			b.Fatalf("found no kubelet connection on %s to close", p.socket(gpuResource))
+		}
+		k.waitCapacity(gpuResource, counts{Capacity: 8, Allocatable: 0})
+		k.waitCapacity(gpuResource, dgxH100)
+		took = append(took, time.Since(start))
+		b.StopTimer()
+		p.waitRegistered("after a dropped stream")
+		b.StartTimer()
+	}
+	reportSpread(b, took)
+}

@@ -4,6 +4,8 @@ import (
 	"os"
 	"strings"
 	"testing"
+
+	"github.com/gpu-plugin/gpu-plugin/internal/daemon"
 )
 
 // Sharing conformance: what the real device manager counts for time-sliced
@@ -84,7 +86,10 @@ func TestReloadChangesReplicas(t *testing.T) {
 	if after := p.registrations(gpuResource); after != before {
 		t.Errorf("the reload re-registered %s (%d → %d registrations); it must update the open stream", gpuResource, before, after)
 	}
-	if st := p.d.ReloadStatus(); st.Successes != 1 || st.Failures != 0 {
+	// The new list reaches the kubelet a moment before the reloader
+	// counts the reload: wait for the count rather than read it at once.
+	var st daemon.ReloadStatus
+	if err := poll(waitTimeout, func() bool { st = p.d.ReloadStatus(); return st.Successes >= 1 }); err != nil || st.Successes != 1 || st.Failures != 0 {
 		t.Errorf("reload status %+v, want one success", st)
 	}
 }

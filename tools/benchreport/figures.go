@@ -74,6 +74,8 @@ var suites = []suite{
 	{id: "I", dir: ".", pkg: "./internal/telemetry/", bench: "^BenchmarkSamplerCPU$", extra: []string{"-benchtime", "1x"}, env: []string{"TELEMETRY_CPU_SECONDS=10"}},
 	{id: "J", dir: ".", pkg: "./internal/daemon/", bench: "^BenchmarkDaemonRSS$", extra: []string{"-benchtime", "1x"}},
 	{id: "K", dir: "tests/kubelet", pkg: ".", bench: "^(BenchmarkDaemonStartToCapacity|BenchmarkKubeletRestartToCapacity)$", extra: []string{"-benchtime", "20x"}, root: true},
+	{id: "L", dir: ".", pkg: "./internal/daemon/", bench: "^BenchmarkConcurrentScrapes$", extra: []string{"-benchtime", "1x"}},
+	{id: "M", dir: "tests/kubelet", pkg: ".", bench: "^BenchmarkStreamDropToCapacity$", extra: []string{"-benchtime", "5x"}, root: true},
 }
 
 // metric is one reported value of a benchmark, shown as label + value +
@@ -166,4 +168,13 @@ var figures = []figure{
 	{what: "Whole-daemon RSS, 56 MIG devices, 100 pods, scraped every 100 ms", suite: "J", bench: "BenchmarkDaemonRSS",
 		metrics: []metric{{"VmRSS", "VmRSS-MB", 1, " MB"}, {"peak (VmHWM)", "VmHWM-MB", 1, " MB"}}, target: &target{1, 40, "≤ 40 MB"},
 		upstream: "dcgm-exporter: 100–500 MB reported by its users"},
+	{what: "1 client scraping /metrics (gzip, 5 scrapes each), dgx-a100-mig: latency and the daemon's peak RSS", suite: "L", bench: "BenchmarkConcurrentScrapes/clients=1",
+		metrics: []metric{p50ms, p99ms, {"peak RSS", "VmHWM-MB", 1, " MB"}}},
+	{what: "200 concurrent scrapes, dgx-a100-mig", suite: "L", bench: "BenchmarkConcurrentScrapes/clients=200",
+		metrics: []metric{p50ms, p99ms, {"peak RSS", "VmHWM-MB", 1, " MB"}, {"refused", "refused", 1, ""}}},
+	{what: "1,000 concurrent scrapes, dgx-a100-mig (bounded: shared render, 64 writers + 192 waiting, 128 connections)", suite: "L", bench: "BenchmarkConcurrentScrapes/clients=1000",
+		metrics: []metric{p50ms, p99ms, {"peak RSS", "VmHWM-MB", 1, " MB"}, {"refused", "refused", 1, ""}}, target: &target{2, 64, "peak RSS ≤ 64 MiB"},
+		note: "before the bound: 372 MB peak, p99 2.7 s"},
+	{what: "Kubelet drops the ListAndWatch stream (connection closed, no restart) → capacity back (real device manager)", suite: "M", bench: "BenchmarkStreamDropToCapacity",
+		metrics: []metric{{"p50", "ms-p50", 1, " ms"}, {"max", "ms-max", 1, " ms"}}, note: "the 1 s stream grace window is most of it"},
 }
