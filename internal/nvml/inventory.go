@@ -138,9 +138,11 @@ func Scan(l *Library, opts ScanOptions) (*Inventory, error) {
 	devices := make([]gonvml.Device, count)
 	capsLoader := &migCapsLoader{load: func() (MIGCaps, error) {
 		if src, ok := lib.(MIGMinorsSource); ok && opts.ProcRoot == "" {
-			return ParseMIGMinors(bytes.NewReader(src.MIGMinors()))
+			return l.cachedMIGCaps("simulated", func() (MIGCaps, error) {
+				return ParseMIGMinors(bytes.NewReader(src.MIGMinors()))
+			})
 		}
-		return ReadMIGCaps(opts.ProcRoot)
+		return l.cachedMIGCaps("proc:"+opts.ProcRoot, func() (MIGCaps, error) { return ReadMIGCaps(opts.ProcRoot) })
 	}}
 	for i := 0; i < count; i++ {
 		gpu := GPU{Index: i, NUMANode: -1, Minor: -1}

@@ -125,6 +125,31 @@ type Library struct {
 	// failed counts errors by function (op → *atomic.Uint64). Ops are
 	// literals at the call sites, so the map stays small.
 	failed sync.Map
+
+	// migCaps caches parsed mig-minors files by where they came from: the
+	// driver writes the file once, when it loads, listing every GPU and
+	// compute instance that could exist, so a MIG re-layout never changes
+	// it and a re-scan need not read it again. Failures are not cached.
+	migCapsMu sync.Mutex
+	migCaps   map[string]MIGCaps
+}
+
+// cachedMIGCaps returns the caps loaded from key, loading them once.
+func (l *Library) cachedMIGCaps(key string, load func() (MIGCaps, error)) (MIGCaps, error) {
+	l.migCapsMu.Lock()
+	defer l.migCapsMu.Unlock()
+	if c, ok := l.migCaps[key]; ok {
+		return c, nil
+	}
+	c, err := load()
+	if err != nil {
+		return nil, err
+	}
+	if l.migCaps == nil {
+		l.migCaps = map[string]MIGCaps{}
+	}
+	l.migCaps[key] = c
+	return c, nil
 }
 
 // Open initialises NVML through iface (the real library from gonvml.New, or a

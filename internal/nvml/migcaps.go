@@ -149,7 +149,8 @@ func DriverMIGMinors(gpus int) []byte {
 	return b.Bytes()
 }
 
-// migCapsLoader reads the caps once per scan, and only if a GPU has MIG on.
+// migCapsLoader asks for the caps at most once per scan, and only if a GPU
+// has MIG on (the Library caches them across scans).
 type migCapsLoader struct {
 	once sync.Once
 	load func() (MIGCaps, error)

@@ -279,3 +279,47 @@ func (g badProfileGI) GetInfo() (gonvml.GpuInstanceInfo, gonvml.Return) {
 	info.ProfileId = 77
 	return info, ret
 }
+
+// TestScanReadsMIGMinorsOnce: the driver writes mig-minors once, when it
+// loads, so a session reads it once and re-scans reuse it; a missing file
+// is looked for again at the next scan.
+func TestScanReadsMIGMinorsOnce(t *testing.T) {
+	p, err := sim.LoadProfile("dgx-a100-mig")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lib, err := nvml.Open(sim.NewNode(p, nil).NVML())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lib.Close()
+	root := t.TempDir()
+	caps := func() []string {
+		t.Helper()
+		inv, err := nvml.Scan(lib, nvml.ScanOptions{ProcRoot: root})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return inv.GPUs[1].MIGDevices[0].CapDevicePaths
+	}
+	if got := caps(); got != nil {
+		t.Fatalf("caps %v without a mig-minors file", got)
+	}
+	path := filepath.Join(root, nvml.MIGMinorsFile)
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte("gpu1/gi1/access 901\ngpu1/gi1/ci0/access 902\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"/dev/nvidia-caps/nvidia-cap901", "/dev/nvidia-caps/nvidia-cap902"}
+	if got := caps(); !slices.Equal(got, want) {
+		t.Fatalf("after the file appeared: caps %v, want %v", got, want)
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if got := caps(); !slices.Equal(got, want) {
+		t.Fatalf("a re-scan read mig-minors again: caps %v, want the cached %v", got, want)
+	}
+}
