@@ -13,6 +13,12 @@ if ! { command -v promtool && command -v prometheus; } >/dev/null && [ "$(id -u)
 	step "installing Debian package prometheus (promtool)"
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
+# podman, runc, busybox-static: internal/cdi's real CDI consumer test (a container run with the
+# generated spec, on a busybox image built locally). ~20 s on a fresh Debian 12, 42 packages.
+if ! dpkg -s podman runc busybox-static >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+	step "installing Debian packages podman, runc, busybox-static"
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman runc busybox-static >/dev/null
+fi
 
 step "gofmt"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))

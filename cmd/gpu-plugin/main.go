@@ -14,9 +14,9 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/gpu-plugin/gpu-plugin/internal/advert"
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/daemon"
-	"github.com/gpu-plugin/gpu-plugin/internal/plugin"
 	"github.com/gpu-plugin/gpu-plugin/internal/version"
 )
 
@@ -113,7 +113,7 @@ func runDaemon(ctx context.Context, args []string, getenv func(string) string, s
 	log := newLogger(cfg.Daemon.LogFormat, cfg.Daemon.Verbosity, stderr)
 	// IMEX channels are checked once at start, as NVIDIA's plugin does: a
 	// required channel that is missing fails the start.
-	_, missing, err := plugin.IMEXChannels(cfg)
+	_, missing, err := advert.IMEXChannels(cfg)
 	if err != nil {
 		return err
 	}

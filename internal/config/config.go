@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"slices"
 	"strings"
 	"time"
 
@@ -324,6 +325,14 @@ func (c *Config) DeviceListStrategies() []string {
 		return *p
 	}
 	return nil
+}
+
+// UsesCDI reports whether a device list strategy names devices by CDI,
+// so that a CDI spec must describe them.
+func (c *Config) UsesCDI() bool {
+	return slices.ContainsFunc(c.DeviceListStrategies(), func(s string) bool {
+		return s == ListCDIAnnotations || s == ListCDICRI
+	})
 }
 
 // DeviceIDStrategy is uuid or index.

@@ -175,10 +175,10 @@ func nvidiaOptions() []Option {
 			Usage: "the kubelet's registration socket, a full path; default: kubelet.sock in --kubelet-socket-dir; our sockets go in its directory unless --kubelet-socket-dir is set; empty (--kubelet-socket=): serve the plugin sockets without registering, as NVIDIA's plugin does",
 			set:   func(c *Config, v string) error { c.Daemon.KubeletSocket = v; return nil }},
 		{Name: "cdi-feature-flags", Env: []string{"CDI_FEATURE_FLAGS"}, Group: GroupNVIDIA, List: true,
-			Usage: "feature flags for CDI spec generation, comma-separated; accepted for compatibility, no effect yet (the CDI spec has no feature-flagged parts)",
+			Usage: "nvcdi feature flags for CDI spec generation, comma-separated (e.g. disable-ipc-discoverer, enable-explicit-driver-libraries), as NVIDIA's plugin passes them",
 			set:   func(c *Config, v string) error { c.Daemon.CDIFeatureFlags = splitList(v); return nil }},
 		{Name: "cdi-disable-hooks", Env: []string{"CDI_DISABLE_HOOKS"}, Group: GroupNVIDIA, List: true,
-			Usage: "OCI hooks to leave out of the CDI spec, comma-separated, or all; accepted for compatibility, no effect yet (the CDI spec has no hooks)",
+			Usage: "nvidia-cdi-hook hooks to leave out of the CDI spec, comma-separated (create-symlinks, update-ldcache, enable-cuda-compat, disable-device-node-modification, …), or all",
 			set:   func(c *Config, v string) error { c.Daemon.CDIDisableHooks = splitList(v); return nil }},
 	}
 }

@@ -202,14 +202,5 @@ func (c *Config) Warnings() []string {
 			}
 		}
 	}
-	if p := c.Flags.Plugin; p != nil && p.NvidiaCTKPath != nil && *p.NvidiaCTKPath != defaultCTKPath {
-		w = append(w, "flags.plugin.nvidiaCTKPath (--nvidia-cdi-hook-path): the CDI spec this daemon writes needs no hooks; ignored")
-	}
-	if len(c.Daemon.CDIFeatureFlags) > 0 {
-		w = append(w, "--cdi-feature-flags (CDI_FEATURE_FLAGS): accepted; the CDI spec this daemon writes has no feature-flagged parts yet, so it has no effect")
-	}
-	if len(c.Daemon.CDIDisableHooks) > 0 {
-		w = append(w, "--cdi-disable-hooks (CDI_DISABLE_HOOKS): accepted; the CDI spec this daemon writes has no hooks yet, so there is nothing to disable")
-	}
 	return w
 }

@@ -11,15 +11,13 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	gonvml "github.com/NVIDIA/go-nvml/pkg/nvml"
 
-	"github.com/gpu-plugin/gpu-plugin/internal/cdi"
+	"github.com/gpu-plugin/gpu-plugin/internal/advert"
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
@@ -44,8 +42,11 @@ type Daemon struct {
 	monitor   *health.Monitor // nil without NVML (health.go)
 	plugins   *plugin.Manager
 	http      *httpServer
-	rl        *reloader       // live config reloads, GPU re-scans, node labels (reload.go)
-	tel       *telemetryParts // sampler, pod attribution, DCGM_* metrics (telemetry.go)
+	rl        *reloader             // live config reloads, GPU re-scans, node labels (reload.go)
+	simRoot   string                // a simulated node's laid-out driver root (cdi.go)
+	adv       *advert.Advertisement // what the node publishes at start; the reloader owns it after
+
+	tel *telemetryParts // sampler, pod attribution, DCGM_* metrics (telemetry.go)
 }
 
 // New opens NVML (or the simulated node), scans the inventory and builds
@@ -75,10 +76,23 @@ func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 			d.lib.Close()
 			return nil, err
 		}
-		if err := d.writeCDISpec(); err != nil {
-			d.lib.Close()
-			return nil, err
+		if d.node != nil {
+			if err := d.layOutSimulatedDriverRoot(d.inv.Load()); err != nil {
+				d.Close()
+				return nil, err
+			}
 		}
+	}
+	if d.adv, err = d.buildAdvertisement(d.inv.Load(), cfg); err != nil {
+		d.Close()
+		return nil, err
+	}
+	for _, w := range d.adv.Warnings {
+		log.Warn("resource not advertised as configured", "warning", w)
+	}
+	if err := d.writeCDISpecs(cfg, d.adv.CDISpecs); err != nil {
+		d.Close()
+		return nil, err
 	}
 	if err := d.newHealthMonitor(); err != nil {
 		d.Close()
@@ -107,7 +121,7 @@ func (d *Daemon) pluginOptions() plugin.Options {
 	return plugin.Options{
 		SocketDir: d.cfg.Daemon.KubeletSocketDir,
 		Health:    d.health,
-		Respond:   plugin.ResponseOptionsFrom(d.cfg),
+		Respond:   d.adv.Respond,
 		Preferrer: d.preferrer,
 		Events:    d.pluginEvents(), // refreshes pod attribution (telemetry.go)
 		Logger:    d.log.With("component", "plugin"),
@@ -176,24 +190,6 @@ func (d *Daemon) rescan() error {
 	return nil
 }
 
-// writeCDISpec writes the CDI spec when a cdi-* device list strategy
-// names devices by CDI; without it the runtime could not resolve them.
-func (d *Daemon) writeCDISpec() error {
-	if !slices.ContainsFunc(d.cfg.DeviceListStrategies(), func(s string) bool { return strings.HasPrefix(s, "cdi-") }) {
-		return nil
-	}
-	spec, err := cdi.BuildSpec(d.inv.Load(), d.cfg.DevRoot())
-	if err != nil {
-		return err
-	}
-	path, err := cdi.Write(d.cfg.Daemon.CDISpecDir, spec)
-	if err != nil {
-		return err
-	}
-	d.log.Info("CDI spec written", "path", path, "devices", len(spec.Devices))
-	return nil
-}
-
 // setInventory publishes a (re-)scanned inventory and precomputes its
 // topology for placement.
 func (d *Daemon) setInventory(inv *nvml.Inventory) {
@@ -230,24 +226,13 @@ func (d *Daemon) Addr() string {
 	return d.http.addr()
 }
 
-func (d *Daemon) resources() ([]*sharing.Resource, error) {
-	inv := d.inv.Load()
-	if inv == nil {
-		return nil, nil
-	}
-	return d.rl.plan(inv, d.rl.config())
-}
-
 // Run serves until ctx ends. Bind errors return at once; a component
 // failing later cancels the rest and is returned.
 func (d *Daemon) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 
-	resources, err := d.resources()
-	if err != nil {
-		return err
-	}
+	resources := d.adv.Resources
 
 	var wg sync.WaitGroup
 	run := func(name string, f func(context.Context) error) {
@@ -270,7 +255,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	d.runTelemetry(run)
 	if d.lib != nil {
-		run("config reload and GPU re-scan", func(ctx context.Context) error { return d.rl.run(ctx, resources) })
+		run("config reload and GPU re-scan", func(ctx context.Context) error { return d.rl.run(ctx, d.adv) })
 	}
 	d.log.Info("gpu-plugin running", "resources", resourceNames(resources), "metrics", d.Addr(), "startup", time.Since(d.started).Round(time.Millisecond))
 	<-ctx.Done()
@@ -284,6 +269,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 // Close releases the listener and NVML. Call it after Run returns, or
 // instead of Run.
 func (d *Daemon) Close() error {
+	if d.simRoot != "" {
+		os.RemoveAll(d.simRoot)
+	}
 	if d.http != nil {
 		d.http.lis.Close()
 	}

@@ -14,10 +14,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gpu-plugin/gpu-plugin/internal/advert"
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/daemon"
 	"github.com/gpu-plugin/gpu-plugin/internal/fakekubelet"
-	"github.com/gpu-plugin/gpu-plugin/internal/plugin"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
 	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
@@ -273,6 +273,9 @@ gpus:
 
 // TestCDISpecWritten: with a CDI strategy the spec the names refer to exists.
 func TestCDISpecWritten(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("a simulated node's CDI spec needs device nodes in its driver root: mknod needs root")
+	}
 	specDir := t.TempDir()
 	r := start(t, true, "--simulate=pcie-l4x4", "--device-list-strategy=cdi-cri", "--cdi-spec-dir="+specDir)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -291,6 +294,13 @@ func TestCDISpecWritten(t *testing.T) {
 	}
 	if len(resp.CdiDevices) != 1 || resp.CdiDevices[0].Name != "k8s.device-plugin.nvidia.com/gpu="+uuid || !strings.Contains(string(raw), `"name":"`+uuid+`"`) {
 		t.Errorf("allocated %v; spec holds the device: %v", resp.CdiDevices, strings.Contains(string(raw), uuid))
+	}
+	// The simulated node's spec comes from nvcdi on a laid-out driver root:
+	// the driver's libraries and the hooks are there, as on a real node.
+	for _, want := range []string{"libcuda.so." + r.d.Inventory().DriverVersion, `"create-symlinks"`, `"name":"all"`} {
+		if !strings.Contains(string(raw), want) {
+			t.Errorf("the CDI spec lacks %s", want)
+		}
 	}
 }
 
@@ -323,7 +333,7 @@ func TestOversizedListReportedAndRecovered(t *testing.T) {
 	r := start(t, true, "--simulate=pcie-l4x4", "--rescan-interval=0", "--node-labels=false")
 	base := "http://" + r.d.Addr()
 	waitReady(t, base)
-	respond := plugin.ResponseOptionsFrom(loadConfig(t, r.dir, "--simulate=pcie-l4x4"))
+	respond := advert.Respond(loadConfig(t, r.dir, "--simulate=pcie-l4x4"), advert.Env{})
 	good := r.d.Plugins().Resources()[0]
 	var devs []sharing.Device
 	for i := range 13000 { // × 4 GPUs: about 4.7 MB encoded

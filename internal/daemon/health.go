@@ -7,6 +7,7 @@ import (
 
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
+	"github.com/gpu-plugin/gpu-plugin/internal/healthmetrics"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
 )
 
@@ -60,7 +61,7 @@ func (d *Daemon) HealthMonitor() *health.Monitor { return d.monitor }
 // healthCollector exports device health (by advertised resource and device
 // ID), XID counters and the monitor's mode.
 func (d *Daemon) healthCollector() prometheus.Collector {
-	return health.NewCollector(d.health, d.monitor, func() []*sharing.Resource {
+	return healthmetrics.NewCollector(d.health, d.monitor, func() []*sharing.Resource {
 		if d.plugins == nil {
 			return nil
 		}

@@ -23,13 +23,11 @@ import (
 	"github.com/fsnotify/fsnotify"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/gpu-plugin/gpu-plugin/internal/cdi"
+	"github.com/gpu-plugin/gpu-plugin/internal/advert"
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/labels"
 	"github.com/gpu-plugin/gpu-plugin/internal/notify"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
-	"github.com/gpu-plugin/gpu-plugin/internal/plugin"
-	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
 )
 
 // defaultReloadDebounce lets a burst of file events (an editor's
@@ -48,11 +46,10 @@ type reloader struct {
 	ws       *watchState // nil when the config file is not watched
 
 	// Owned by run's goroutine.
-	inv       *nvml.Inventory // what resources are built from (unreadable GPUs kept from earlier scans)
-	resources []*sharing.Resource
-	lastSum   [32]byte // the config file content last acted on
-	rescanErr string   // the last re-scan problem logged, to log each once
-	labelErr  string   // the last labels problem logged
+	adv       *advert.Advertisement // what is published; its inventory keeps unreadable GPUs from earlier scans
+	lastSum   [32]byte              // the config file content last acted on
+	rescanErr string                // the last re-scan problem logged, to log each once
+	labelErr  string                // the last labels problem logged
 
 	stats   reloadStats
 	changed notify.Signal // a reload, re-scan or labels write finished
@@ -98,20 +95,40 @@ func newReloader(d *Daemon) *reloader {
 // config is the configuration in force.
 func (r *reloader) config() *config.Config { return r.live.Load() }
 
-// plan builds the resources for an inventory and a configuration, logging
-// what could not be applied.
-func (r *reloader) plan(inv *nvml.Inventory, cfg *config.Config) ([]*sharing.Resource, error) {
-	if inv == nil {
-		return nil, nil
-	}
-	p, err := sharing.NewPlan(inv, sharing.OptionsFrom(cfg))
+// build computes the advertisement for an inventory and a configuration
+// and logs the warnings the current one does not have.
+func (r *reloader) build(inv *nvml.Inventory, cfg *config.Config) (*advert.Advertisement, error) {
+	a, err := r.d.buildAdvertisement(inv, cfg)
 	if err != nil {
 		return nil, err
 	}
-	for _, w := range p.Warnings {
-		r.log.Warn("resource not advertised as configured", "warning", w)
+	for _, w := range a.Warnings {
+		if r.adv == nil || !slices.Contains(r.adv.Warnings, w) {
+			r.log.Warn("resource not advertised as configured", "warning", w)
+		}
 	}
-	return p.Resources, nil
+	return a, nil
+}
+
+// publish makes next the node's advertisement: the CDI specs first (the
+// kubelet may allocate a new device as soon as it is advertised, and its
+// CDI name must resolve by then), then the kubelet's resources, then the
+// node labels. It returns what changed.
+func (r *reloader) publish(next *advert.Advertisement, cfg *config.Config) advert.Diff {
+	diff := advert.Compare(r.adv, next)
+	if diff.CDI {
+		if err := r.d.writeCDISpecs(cfg, next.CDISpecs); err != nil {
+			r.log.Error("cannot rewrite the CDI spec; containers may not find new devices by CDI name", "err", err)
+		}
+	}
+	if diff.Resources() || diff.Respond {
+		r.d.plugins.Update(next.Resources, next.Respond)
+	}
+	r.adv = next
+	if diff.Labels {
+		r.writeLabels()
+	}
+	return diff
 }
 
 // Reload asks the running daemon to re-read its config file and re-scan
@@ -148,8 +165,8 @@ func (d *Daemon) ReloadChanged() <-chan struct{} { return d.rl.changed.C() }
 
 // run owns live changes until ctx ends. resources are what Run advertised
 // at start.
-func (r *reloader) run(ctx context.Context, resources []*sharing.Resource) error {
-	r.inv, r.resources = r.d.inv.Load(), resources
+func (r *reloader) run(ctx context.Context, adv *advert.Advertisement) error {
+	r.adv = adv
 	events, errs, stop := r.watch()
 	defer stop()
 	// A change made after the file was read at start but before the watch
@@ -300,9 +317,9 @@ func (r *reloader) reloadConfig(force bool) {
 	if err == nil {
 		r.lastSum = next.FileSum() // what was applied, should the file have changed again meanwhile
 	}
-	var resources []*sharing.Resource
+	var adv *advert.Advertisement
 	if err == nil {
-		resources, err = r.plan(r.inv, next)
+		adv, err = r.build(r.adv.Inventory, next)
 	}
 	if err != nil {
 		r.reloadFailed(path, err)
@@ -316,19 +333,16 @@ func (r *reloader) reloadConfig(force bool) {
 	if restart := cur.RestartRequired(next); len(restart) > 0 {
 		r.log.Warn("config reloaded, but these settings take effect only after a restart", "settings", restart)
 	}
-	added, removed, changed := diffResources(r.resources, resources)
 	r.live.Store(next)
-	r.resources = resources
-	r.d.plugins.Update(resources, plugin.ResponseOptionsFrom(next))
-	r.writeCDISpec(cur, next, false)
-	r.log.Info("config reloaded", "file", path, "added", added, "removed", removed, "changed", changed)
+	diff := r.publish(adv, next)
+	r.log.Info("config reloaded", "file", path, "added", diff.Added, "removed", diff.Removed, "changed", diff.Changed,
+		"allocateOptionsChanged", diff.Respond, "cdiSpecChanged", diff.CDI)
 	r.stats.mu.Lock()
 	r.stats.reloadOK++
 	r.stats.lastOK = true
 	r.stats.lastSuccess = time.Now()
 	r.stats.lastError = ""
 	r.stats.mu.Unlock()
-	r.writeLabels()
 	r.changed.Notify()
 }
 
@@ -362,24 +376,21 @@ func (r *reloader) rescan() {
 		r.rescanDone("failure", "re-scan failed; keeping the advertised devices", err)
 		return
 	}
-	merged, diff := mergeInventory(r.inv, inv)
-	if len(diff) == 0 {
+	merged, layout := mergeInventory(r.adv.Inventory, inv)
+	if len(layout) == 0 {
 		r.rescanDone("unchanged", "", nil)
 		return
 	}
-	resources, err := r.plan(merged, r.config())
+	adv, err := r.build(merged, r.config())
 	if err != nil {
-		r.rescanDone("failure", "the GPUs changed but cannot be advertised under the current config; keeping the advertised devices", fmt.Errorf("%s: %w", strings.Join(diff, "; "), err))
+		r.rescanDone("failure", "the GPUs changed but cannot be advertised under the current config; keeping the advertised devices", fmt.Errorf("%s: %w", strings.Join(layout, "; "), err))
 		return
 	}
-	added, removed, changed := diffResources(r.resources, resources)
 	r.d.setInventory(inv)
-	r.inv, r.resources = merged, resources
-	r.d.plugins.Update(resources, plugin.ResponseOptionsFrom(r.config()))
-	r.writeCDISpec(r.config(), r.config(), true)
-	r.log.Info("GPU layout changed: re-advertising", "changes", diff, "added", added, "removed", removed, "changed", changed)
+	diff := r.publish(adv, r.config())
+	r.log.Info("GPU layout changed: re-advertising", "changes", layout, "added", diff.Added, "removed", diff.Removed, "changed", diff.Changed,
+		"cdiSpecChanged", diff.CDI)
 	r.rescanDone("changed", "", nil)
-	r.writeLabels()
 }
 
 func (r *reloader) rescanDone(result, msg string, err error) {
@@ -465,54 +476,6 @@ func migLayout(g *nvml.GPU) string {
 	return b.String()
 }
 
-// diffResources names the resources added, removed and changed (devices)
-// between two advertisements.
-func diffResources(old, next []*sharing.Resource) (added, removed, changed []string) {
-	byName := map[string]*sharing.Resource{}
-	for _, r := range old {
-		byName[r.Name] = r
-	}
-	for _, r := range next {
-		o, ok := byName[r.Name]
-		switch {
-		case !ok:
-			added = append(added, r.Name)
-		case !slices.EqualFunc(o.Devices, r.Devices, func(a, b sharing.Device) bool { return a.ID == b.ID }) ||
-			o.FailRequestsGreaterThanOne != r.FailRequestsGreaterThanOne || o.AllocationPolicy != r.AllocationPolicy:
-			changed = append(changed, r.Name)
-		}
-		delete(byName, r.Name)
-	}
-	for name := range byName {
-		removed = append(removed, name)
-	}
-	slices.Sort(removed)
-	return added, removed, changed
-}
-
-// writeCDISpec rewrites the CDI spec when a cdi-* strategy is on and the
-// devices it describes (inventoryChanged) or its host root changed, or a
-// reload turned CDI on.
-func (r *reloader) writeCDISpec(cur, next *config.Config, inventoryChanged bool) {
-	usesCDI := func(c *config.Config) bool {
-		return slices.ContainsFunc(c.DeviceListStrategies(), func(s string) bool {
-			return s == config.ListCDIAnnotations || s == config.ListCDICRI
-		})
-	}
-	if !usesCDI(next) || (!inventoryChanged && usesCDI(cur) && cur.DevRoot() == next.DevRoot()) {
-		return
-	}
-	spec, err := cdi.BuildSpec(r.d.inv.Load(), next.DevRoot())
-	if err == nil {
-		_, err = cdi.Write(r.d.cfg.Daemon.CDISpecDir, spec)
-	}
-	if err != nil {
-		r.log.Error("cannot rewrite the CDI spec; containers may not find new devices by CDI name", "err", err)
-		return
-	}
-	r.log.Info("CDI spec rewritten", "devices", len(spec.Devices))
-}
-
 // writeLabels writes the node labels file if its content would change.
 func (r *reloader) writeLabels() {
 	cfg := r.d.cfg
@@ -522,7 +485,7 @@ func (r *reloader) writeLabels() {
 	if r.d.node != nil && cfg.Daemon.LabelsFile == config.DefaultLabelsFile {
 		return // a simulated node must not label the real host; name a file to get them
 	}
-	l := labels.Compute(r.inv, r.resources, r.config().MigStrategy())
+	l := r.adv.Labels
 	wrote, err := labels.Write(cfg.Daemon.LabelsFile, l)
 	result := "success"
 	if err != nil {

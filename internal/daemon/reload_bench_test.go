@@ -69,10 +69,7 @@ func BenchmarkRescan(b *testing.B) {
 	}
 	defer d.Close()
 	r := d.rl
-	r.inv = d.inv.Load()
-	if r.resources, err = d.resources(); err != nil {
-		b.Fatal(err)
-	}
+	r.adv = d.adv
 	b.Run("unchanged", func(b *testing.B) {
 		b.ReportAllocs()
 		for i := 0; i < b.N; i++ {

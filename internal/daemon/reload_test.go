@@ -558,14 +558,14 @@ func TestStartRefusesDevicesMatchingNothing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The advertisement is built in New, so the start fails there, before
+	// anything is served.
 	d, err := New(cfg, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
+	if err == nil {
+		d.Close()
 	}
-	defer d.Close()
-	err = d.Run(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "sharing.timeSlicing.resources[0].devices[1]") || !strings.Contains(err.Error(), `"8" matches no nvidia.com/gpu device`) {
-		t.Errorf("Run: %v; want the field and the reason", err)
+		t.Errorf("New: %v; want the field and the reason", err)
 	}
 }
 
@@ -648,4 +648,48 @@ func TestChangeBeforeWatchStarts(t *testing.T) {
 		d.Close()
 	}()
 	e.waitCapacity("nvidia.com/gpu", 8, 8)
+}
+
+// TestRescanRewritesCDISpec: a MIG re-layout rewrites the CDI spec from the
+// same inventory the resources come from, so a new MIG device's CDI name
+// resolves and a removed one's no longer does; a reload that changes
+// nothing in the spec does not rewrite it.
+func TestRescanRewritesCDISpec(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("a simulated node's CDI spec needs device nodes in its driver root: mknod needs root")
+	}
+	specDir := t.TempDir()
+	specPath := filepath.Join(specDir, "k8s.device-plugin.nvidia.com-gpu.json")
+	e := startReloadEnv(t, "dgx-a100-mig", "version: v1\nflags:\n  migStrategy: mixed\n",
+		"--rescan-interval=100ms", "--device-list-strategy=cdi-cri", "--cdi-spec-dir="+specDir)
+	e.waitCapacity("nvidia.com/mig-7g.40gb", 1, 1)
+	old := e.d.Inventory().GPUs[3].MIGDevices[0].UUID // the 7g.40gb
+	raw, err := os.ReadFile(specPath)
+	if err != nil || !strings.Contains(string(raw), `"name":"`+old+`"`) {
+		t.Fatalf("the spec lacks GPU 3's 7g.40gb %s (%v)", old, err)
+	}
+	written, _ := os.Stat(specPath)
+
+	e.write("version: v1\nflags:\n  migStrategy: mixed\n# a comment changes nothing the spec holds\n")
+	e.waitStatus("the reload", func(s ReloadStatus, _ uint64) bool { return s.Successes == 1 })
+	if st, _ := os.Stat(specPath); !st.ModTime().Equal(written.ModTime()) {
+		t.Errorf("a reload that changed nothing in the spec rewrote it")
+	}
+
+	if err := e.d.SimNode().SetMIGLayout(3, true, []string{"3g.20gb", "3g.20gb"}); err != nil {
+		t.Fatal(err)
+	}
+	e.waitCapacity("nvidia.com/mig-3g.20gb", 5, 5)
+	raw, err = os.ReadFile(specPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range e.d.Inventory().GPUs[3].MIGDevices {
+		if !strings.Contains(string(raw), `"name":"`+m.UUID+`"`) {
+			t.Errorf("the rewritten spec lacks the new MIG device %s", m.UUID)
+		}
+	}
+	if strings.Contains(string(raw), old) {
+		t.Errorf("the rewritten spec still names the removed MIG device %s", old)
+	}
 }

@@ -67,7 +67,7 @@ func startStack(t testing.TB, profile, configYAML string, stateLog *slog.Logger,
 	t.Cleanup(s.kubelet.Stop)
 	mgr := plugin.NewManager(plugin.Options{
 		SocketDir: dir, Health: s.state,
-		Respond:      plugin.ResponseOptions{ListStrategies: []string{config.ListEnvvar}, IDStrategy: config.IDUUID, DevRoot: "/"},
+		Respond:      plugin.ResponseOptions{Envvar: true, DevRoot: "/"},
 		PollInterval: 50 * time.Millisecond, Logger: slog.New(slog.DiscardHandler),
 	})
 	mopts.Lib, mopts.Inventory, mopts.State = lib, func() *nvml.Inventory { return s.inv }, s.state

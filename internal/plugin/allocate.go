@@ -2,26 +2,15 @@ package plugin
 
 import (
 	"crypto/rand"
-	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
-	"tags.cncf.io/container-device-interface/pkg/parser"
 
-	"github.com/gpu-plugin/gpu-plugin/internal/config"
+	"github.com/gpu-plugin/gpu-plugin/internal/cdi"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
-)
-
-// CDI names, as NVIDIA's plugin writes them, so existing CDI specs and
-// runtime configurations keep working.
-const (
-	CDIVendor = "k8s.device-plugin.nvidia.com"
-	CDIClass  = "gpu"
 )
 
 // Environment and paths the NVIDIA container toolkit reads.
@@ -31,106 +20,31 @@ const (
 	cdiAnnotationOwner = "gpu-plugin"
 )
 
-// ResponseOptions shape Allocate responses; they come from the config.
+// ResponseOptions shape Allocate responses. The advertisement stage
+// (internal/advert) derives them from the config.
 type ResponseOptions struct {
-	ListStrategies      []string // envvar, volume-mounts, cdi-annotations, cdi-cri
-	IDStrategy          string   // uuid or index
+	// The device list strategies: how the allocated devices reach the
+	// runtime. Several may be on.
+	Envvar, VolumeMounts, CDIAnnotations, CDICRI bool
+	// IndexIDs names devices by index ("0", "1:2") instead of UUID
+	// (--device-id-strategy=index).
+	IndexIDs            bool
 	PassDeviceSpecs     bool
-	DevRoot             string // host root of /dev
+	DevRoot             string // host root of /dev, for PassDeviceSpecs
 	CDIAnnotationPrefix string
 	GDRCopy, GDS, MOFED bool
 	IMEXChannels        []int
 }
 
-// ResponseOptionsFrom extracts the Allocate options from a resolved config.
-func ResponseOptionsFrom(c *config.Config) ResponseOptions {
-	b := func(p *bool) bool { return p != nil && *p }
-	return ResponseOptions{
-		ListStrategies:      c.DeviceListStrategies(),
-		IDStrategy:          c.DeviceIDStrategy(),
-		PassDeviceSpecs:     c.PassDeviceSpecs(),
-		DevRoot:             c.DevRoot(),
-		CDIAnnotationPrefix: c.CDIAnnotationPrefix(),
-		GDRCopy:             b(c.Flags.GDRCopyEnabled),
-		GDS:                 b(c.Flags.GDSEnabled),
-		MOFED:               b(c.Flags.MOFEDEnabled),
-		IMEXChannels:        PresentIMEXChannels(c),
-	}
-}
-
-// imexChannelDir holds the IMEX channel device nodes the driver creates.
-const imexChannelDir = "/dev/nvidia-caps-imex-channels"
-
-// IMEXChannelPath is channel n's device node, as containers see it.
-func IMEXChannelPath(n int) string { return fmt.Sprintf("%s/channel%d", imexChannelDir, n) }
-
-// IMEXChannels checks the configured IMEX channels (imex.channelIDs) as
-// NVIDIA's plugin does at start: a channel is used only if its device node
-// exists as a character device, looked up under the driver root as mounted
-// in this container (--driver-root-ctr-path, when it has a dev directory)
-// and at /dev. It returns the channels found and one error per channel
-// missing; with imex.required, a missing channel is an error that must stop
-// the start.
-func IMEXChannels(c *config.Config) (present []int, missing []error, err error) {
-	root := config.Deref(c.Plugin().ContainerDriverRoot)
-	if fi, statErr := os.Stat(filepath.Join(root, "dev")); root == "" || statErr != nil || !fi.IsDir() {
-		root = "/"
-	}
-	for _, ch := range c.IMEX.ChannelIDs {
-		path := IMEXChannelPath(ch)
-		if e := charDevice(filepath.Join(root, path), path); e != nil {
-			if c.IMEX.Required != nil && *c.IMEX.Required {
-				return nil, nil, fmt.Errorf("imex.required: IMEX channel %d is required but %v; create the channel (the driver's nvidia-caps-imex-channels), or set imex.required: false (--imex-required=false) to start without it", ch, e)
-			}
-			missing = append(missing, fmt.Errorf("IMEX channel %d is not injected: %w", ch, e))
-			continue
-		}
-		present = append(present, ch)
-	}
-	return present, missing, nil
-}
-
-// PresentIMEXChannels is the channels IMEXChannels finds.
-func PresentIMEXChannels(c *config.Config) []int {
-	present, _, _ := IMEXChannels(c)
-	return present
-}
-
-// charDevice reports why none of paths is a character device, or nil.
-func charDevice(paths ...string) error {
-	var why []string
-	for _, p := range slices.Compact(paths) {
-		fi, err := os.Stat(p)
-		switch {
-		case err != nil:
-			why = append(why, err.Error())
-		case fi.Mode()&os.ModeCharDevice == 0:
-			why = append(why, p+" is not a character device")
-		default:
-			return nil
-		}
-	}
-	return errors.New(strings.Join(why, "; "))
-}
-
-func (o ResponseOptions) has(strategy string) bool {
-	return slices.Contains(o.ListStrategies, strategy)
-}
-
 // onlyCDI reports whether every selected strategy is a CDI one; then the
 // runtime does all the work and no environment or mounts are returned.
 func (o ResponseOptions) onlyCDI() bool {
-	for _, s := range o.ListStrategies {
-		if s != config.ListCDIAnnotations && s != config.ListCDICRI {
-			return false
-		}
-	}
-	return len(o.ListStrategies) > 0
+	return (o.CDIAnnotations || o.CDICRI) && !o.Envvar && !o.VolumeMounts
 }
 
 // deviceName is how the runtime is told about a device.
 func (o ResponseOptions) deviceName(d *sharing.Device) string {
-	if o.IDStrategy == config.IDIndex {
+	if o.IndexIDs {
 		return d.IndexID()
 	}
 	return d.Physical
@@ -145,20 +59,20 @@ func (o ResponseOptions) containerResponse(devices []*sharing.Device) (*pluginap
 		names[i] = o.deviceName(d)
 	}
 
-	if o.has(config.ListCDIAnnotations) || o.has(config.ListCDICRI) {
+	if o.CDIAnnotations || o.CDICRI {
 		cdiNames := make([]string, 0, len(names)+4)
 		for _, n := range names {
-			cdiNames = append(cdiNames, parser.QualifiedName(CDIVendor, CDIClass, n))
+			cdiNames = append(cdiNames, cdi.QualifiedName(cdi.Class, n))
 		}
 		cdiNames = append(cdiNames, o.cdiExtras()...)
-		if o.has(config.ListCDIAnnotations) {
+		if o.CDIAnnotations {
 			key, err := o.cdiAnnotationKey()
 			if err != nil {
 				return nil, err
 			}
 			resp.Annotations = map[string]string{key: strings.Join(cdiNames, ",")}
 		}
-		if o.has(config.ListCDICRI) {
+		if o.CDICRI {
 			for _, n := range cdiNames {
 				resp.CdiDevices = append(resp.CdiDevices, &pluginapi.CDIDevice{Name: n})
 			}
@@ -175,13 +89,13 @@ func (o ResponseOptions) containerResponse(devices []*sharing.Device) (*pluginap
 		env["NVIDIA_MOFED"] = "enabled"
 	}
 	if !o.onlyCDI() {
-		if o.has(config.ListEnvvar) {
+		if o.Envvar {
 			env[visibleDevicesEnv] = strings.Join(names, ",")
 			if len(o.IMEXChannels) > 0 {
 				env["NVIDIA_IMEX_CHANNELS"] = joinInts(o.IMEXChannels)
 			}
 		}
-		if o.has(config.ListVolumeMounts) {
+		if o.VolumeMounts {
 			env[visibleDevicesEnv] = volumeMountsRoot
 			for _, n := range names {
 				resp.Mounts = append(resp.Mounts, &pluginapi.Mount{
@@ -208,16 +122,16 @@ func (o ResponseOptions) containerResponse(devices []*sharing.Device) (*pluginap
 func (o ResponseOptions) cdiExtras() []string {
 	var out []string
 	if o.GDRCopy {
-		out = append(out, parser.QualifiedName(CDIVendor, "gdrcopy", "all"))
+		out = append(out, cdi.QualifiedName(cdi.GDRCopyClass, "all"))
 	}
 	if o.GDS {
-		out = append(out, parser.QualifiedName(CDIVendor, "gds", "all"))
+		out = append(out, cdi.QualifiedName(cdi.GDSClass, "all"))
 	}
 	if o.MOFED {
-		out = append(out, parser.QualifiedName(CDIVendor, "mofed", "all"))
+		out = append(out, cdi.QualifiedName(cdi.MOFEDClass, "all"))
 	}
 	for _, ch := range o.IMEXChannels {
-		out = append(out, parser.QualifiedName(CDIVendor, "imex-channel", strconv.Itoa(ch)))
+		out = append(out, cdi.QualifiedName(cdi.IMEXClass, strconv.Itoa(ch)))
 	}
 	return out
 }
@@ -256,7 +170,7 @@ func (o ResponseOptions) deviceSpecs(devices []*sharing.Device) []*pluginapi.Dev
 		}
 	}
 	for _, ch := range o.IMEXChannels {
-		paths = append(paths, IMEXChannelPath(ch))
+		paths = append(paths, cdi.IMEXChannelPath(ch))
 	}
 	specs := make([]*pluginapi.DeviceSpec, len(paths))
 	for i, p := range paths {

@@ -28,7 +28,7 @@ func TestAllocateMIGCapsWithPassDeviceSpecs(t *testing.T) {
 	t.Cleanup(k.Stop)
 	mgr := plugin.NewManager(plugin.Options{
 		SocketDir: dir, Health: health.NewState(nil, nil),
-		Respond: plugin.ResponseOptions{ListStrategies: []string{config.ListEnvvar}, IDStrategy: config.IDUUID,
+		Respond: plugin.ResponseOptions{Envvar: true,
 			PassDeviceSpecs: true, DevRoot: "/run/nvidia/driver"},
 		PollInterval: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond, StreamGrace: 50 * time.Millisecond,
 		Logger: slog.New(slog.DiscardHandler),

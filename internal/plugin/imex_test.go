@@ -1,9 +1,6 @@
 package plugin
 
 import (
-	"io"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -71,59 +68,18 @@ func TestIMEXChannelInEveryStrategy(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.strategy, func(t *testing.T) {
-			tc.check(t, ResponseOptions{ListStrategies: []string{tc.strategy}, IDStrategy: config.IDUUID, CDIAnnotationPrefix: "cdi.k8s.io/",
-				PassDeviceSpecs: tc.specs, DevRoot: "/host", IMEXChannels: []int{0}})
+			o := ResponseOptions{CDIAnnotationPrefix: "cdi.k8s.io/", PassDeviceSpecs: tc.specs, DevRoot: "/host", IMEXChannels: []int{0}}
+			switch tc.strategy {
+			case config.ListEnvvar:
+				o.Envvar = true
+			case config.ListVolumeMounts:
+				o.VolumeMounts = true
+			case config.ListCDICRI:
+				o.CDICRI = true
+			case config.ListCDIAnnotations:
+				o.CDIAnnotations = true
+			}
+			tc.check(t, o)
 		})
-	}
-}
-
-// TestIMEXChannelsChecked: a configured channel is used only when its
-// device node exists (looked up under the container's driver root, the
-// seam); a missing one is skipped with a reason, or fails when required.
-func TestIMEXChannelsChecked(t *testing.T) {
-	root := t.TempDir()
-	load := func(args ...string) *config.Config {
-		t.Helper()
-		c, _, err := config.Load("gpu-plugin", append([]string{"--driver-root-ctr-path=" + root}, args...), func(string) string { return "" }, io.Discard)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
-	// Missing: skipped, or fatal with imex.required.
-	present, missing, err := IMEXChannels(load("--imex-channel-ids=0"))
-	if err != nil || len(present) != 0 || len(missing) != 1 || !strings.Contains(missing[0].Error(), "channel0") {
-		t.Errorf("missing, not required: %v %v %v; want it skipped with a reason naming channel0", present, missing, err)
-	}
-	if got := ResponseOptionsFrom(load("--imex-channel-ids=0")).IMEXChannels; len(got) != 0 {
-		t.Errorf("a missing channel is injected: %v", got)
-	}
-	if _, _, err := IMEXChannels(load("--imex-channel-ids=0", "--imex-required")); err == nil || !strings.Contains(err.Error(), "imex.required") {
-		t.Errorf("missing and required: %v; want an error naming imex.required", err)
-	}
-	// Present as a character device (a link to /dev/null stands in for it).
-	dir := filepath.Join(root, "dev", "nvidia-caps-imex-channels")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Symlink("/dev/null", filepath.Join(dir, "channel0")); err != nil {
-		t.Fatal(err)
-	}
-	present, missing, err = IMEXChannels(load("--imex-channel-ids=0", "--imex-required"))
-	if err != nil || !slices.Equal(present, []int{0}) || len(missing) != 0 {
-		t.Errorf("present: %v %v %v; want channel 0", present, missing, err)
-	}
-	if got := ResponseOptionsFrom(load("--imex-channel-ids=0")).IMEXChannels; !slices.Equal(got, []int{0}) {
-		t.Errorf("a present channel is not injected: %v", got)
-	}
-	// A regular file is not a channel.
-	if err := os.Remove(filepath.Join(dir, "channel0")); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "channel0"), nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if _, _, err := IMEXChannels(load("--imex-channel-ids=0", "--imex-required")); err == nil || !strings.Contains(err.Error(), "not a character device") {
-		t.Errorf("a regular file: %v", err)
 	}
 }

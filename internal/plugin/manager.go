@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"reflect"
 	"slices"
 	"sort"
 	"sync"
@@ -460,7 +459,7 @@ func (m *Manager) apply(resources []*sharing.Resource, respond ResponseOptions) 
 	for _, r := range resources {
 		if s, ok := m.servers[r.Name]; ok {
 			s.respond.Store(&respond)
-			if !sameResource(s.res.Load(), r) {
+			if !s.res.Load().Equal(r) {
 				m.log.Info("resource changed", "resource", r.Name, "devices", len(r.Devices))
 				s.setResource(r)
 			}
@@ -476,20 +475,6 @@ func (m *Manager) apply(resources []*sharing.Resource, respond ResponseOptions) 
 		}
 		m.log.Info("serving resource", "resource", r.Name, "devices", len(r.Devices), "socket", s.socket)
 	}
-}
-
-func sameResource(a, b *sharing.Resource) bool {
-	return a.Replicas == b.Replicas && a.FailRequestsGreaterThanOne == b.FailRequestsGreaterThanOne &&
-		a.AllocationPolicy == b.AllocationPolicy && a.Base == b.Base &&
-		slices.EqualFunc(a.Devices, b.Devices, sameDevice)
-}
-
-// sameDevice compares everything Allocate, ListAndWatch and health read.
-func sameDevice(x, y sharing.Device) bool {
-	sameMIG := (x.MIG == nil) == (y.MIG == nil) && (x.MIG == nil || reflect.DeepEqual(*x.MIG, *y.MIG))
-	return x.ID == y.ID && x.Physical == y.Physical && x.GPUIndex == y.GPUIndex && x.GPUUUID == y.GPUUUID &&
-		x.Replica == y.Replica && x.NUMANode == y.NUMANode && x.Minor == y.Minor && sameMIG &&
-		slices.Equal(x.MIGChildren, y.MIGChildren)
 }
 
 // restartMissing restarts every server whose socket is gone (the kubelet

@@ -40,7 +40,7 @@ type env struct {
 }
 
 func defaultRespond() plugin.ResponseOptions {
-	return plugin.ResponseOptions{ListStrategies: []string{config.ListEnvvar}, IDStrategy: config.IDUUID, DevRoot: "/"}
+	return plugin.ResponseOptions{Envvar: true, DevRoot: "/"}
 }
 
 func inventory(t testing.TB, profile string) *nvml.Inventory {
@@ -185,7 +185,7 @@ func TestAllocateStrategies(t *testing.T) {
 		},
 		{
 			name:    "envvar index",
-			respond: plugin.ResponseOptions{ListStrategies: []string{config.ListEnvvar}, IDStrategy: config.IDIndex},
+			respond: plugin.ResponseOptions{Envvar: true, IndexIDs: true},
 			pick:    []int{6, 1},
 			check: func(t *testing.T, r *pluginapi.ContainerAllocateResponse, _ []string) {
 				if got := r.Envs["NVIDIA_VISIBLE_DEVICES"]; got != "6,1" {
@@ -195,7 +195,7 @@ func TestAllocateStrategies(t *testing.T) {
 		},
 		{
 			name:    "volume-mounts",
-			respond: plugin.ResponseOptions{ListStrategies: []string{config.ListVolumeMounts}, IDStrategy: config.IDUUID},
+			respond: plugin.ResponseOptions{VolumeMounts: true},
 			pick:    []int{2},
 			check: func(t *testing.T, r *pluginapi.ContainerAllocateResponse, u []string) {
 				if r.Envs["NVIDIA_VISIBLE_DEVICES"] != "/var/run/nvidia-container-devices" || len(r.Mounts) != 1 ||
@@ -206,7 +206,7 @@ func TestAllocateStrategies(t *testing.T) {
 		},
 		{
 			name:    "cdi-annotations",
-			respond: plugin.ResponseOptions{ListStrategies: []string{config.ListCDIAnnotations}, IDStrategy: config.IDUUID, CDIAnnotationPrefix: "cdi.k8s.io/"},
+			respond: plugin.ResponseOptions{CDIAnnotations: true, CDIAnnotationPrefix: "cdi.k8s.io/"},
 			pick:    []int{0, 1},
 			check: func(t *testing.T, r *pluginapi.ContainerAllocateResponse, u []string) {
 				if len(r.Envs) != 0 || len(r.Annotations) != 1 {
@@ -224,7 +224,7 @@ func TestAllocateStrategies(t *testing.T) {
 		},
 		{
 			name: "cdi-cri with envvar, GDS and IMEX",
-			respond: plugin.ResponseOptions{ListStrategies: []string{config.ListEnvvar, config.ListCDICRI}, IDStrategy: config.IDIndex,
+			respond: plugin.ResponseOptions{Envvar: true, CDICRI: true, IndexIDs: true,
 				GDS: true, IMEXChannels: []int{0}},
 			pick: []int{4},
 			check: func(t *testing.T, r *pluginapi.ContainerAllocateResponse, _ []string) {
@@ -243,7 +243,7 @@ func TestAllocateStrategies(t *testing.T) {
 		},
 		{
 			name: "passDeviceSpecs",
-			respond: plugin.ResponseOptions{ListStrategies: []string{config.ListEnvvar}, IDStrategy: config.IDUUID,
+			respond: plugin.ResponseOptions{Envvar: true,
 				PassDeviceSpecs: true, DevRoot: "/run/nvidia/driver"},
 			pick: []int{7, 2},
 			check: func(t *testing.T, r *pluginapi.ContainerAllocateResponse, _ []string) {

@@ -5,6 +5,8 @@ package sharing
 
 import (
 	"fmt"
+	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -121,4 +123,22 @@ func SplitReplicaID(id string) (physical string, replica int, err error) {
 		return "", 0, fmt.Errorf("bad replica device ID %q: want <id>::<n> with n a decimal number ≥ 0 without sign or leading zeros", id)
 	}
 	return base, n, nil
+}
+
+// Equal reports whether two resources advertise the same thing: the same
+// devices with everything Allocate, ListAndWatch, placement and health read
+// from them, and the same sharing settings. It is the one definition of a
+// resource having "changed", for the log and for what is re-sent to the
+// kubelet.
+func (r *Resource) Equal(o *Resource) bool {
+	return r.Name == o.Name && r.Replicas == o.Replicas && r.FailRequestsGreaterThanOne == o.FailRequestsGreaterThanOne &&
+		r.AllocationPolicy == o.AllocationPolicy && r.Base == o.Base &&
+		slices.EqualFunc(r.Devices, o.Devices, sameDevice)
+}
+
+func sameDevice(x, y Device) bool {
+	sameMIG := (x.MIG == nil) == (y.MIG == nil) && (x.MIG == nil || reflect.DeepEqual(*x.MIG, *y.MIG))
+	return x.ID == y.ID && x.Physical == y.Physical && x.GPUIndex == y.GPUIndex && x.GPUUUID == y.GPUUUID &&
+		x.Replica == y.Replica && x.NUMANode == y.NUMANode && x.Minor == y.Minor && sameMIG &&
+		slices.Equal(x.MIGChildren, y.MIGChildren)
 }

@@ -183,6 +183,11 @@ func (n *Node) failureLocked(gpu int, op string) gonvml.Return {
 func (n *Node) newLibrary() *mock.Interface {
 	spec := n.spec
 	l := &mock.Interface{}
+	// go-nvlib asks whether the driver has a symbol before some calls; a
+	// simulated driver has them all.
+	l.ExtensionsFunc = func() gonvml.ExtendedInterface {
+		return &mock.ExtendedInterface{LookupSymbolFunc: func(string) error { return nil }}
+	}
 	l.InitFunc = func() gonvml.Return {
 		n.mu.Lock()
 		defer n.mu.Unlock()

@@ -124,6 +124,7 @@ config:
 		{
 			name:   "MIG none adds no capability",
 			values: "migStrategy: none\nfailOnInitError: false\ndeviceListStrategy: cdi-cri",
+			policy: policy{cdi: true},
 			kinds:  []string{"ServiceAccount", "ConfigMap", "Service", "DaemonSet"},
 			check: func(t *testing.T, _ *Rendered, _ []Object, ds *appsv1.DaemonSet) {
 				c := ds.Spec.Template.Spec.Containers[0]

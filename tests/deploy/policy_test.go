@@ -63,12 +63,13 @@ func documentedMounts(t *testing.T) []mountDoc {
 	return out
 }
 
-// expectedMounts is the documented list for a given driver root.
-func expectedMounts(t *testing.T, driverRoot string) []mountDoc {
+// expectedMounts is the documented list for a given driver root, and
+// whether a cdi-* strategy is set (which mounts the driver root "/" too).
+func expectedMounts(t *testing.T, driverRoot string, cdi bool) []mountDoc {
 	var out []mountDoc
 	for _, m := range documentedMounts(t) {
 		if m.Container == driverRootMount {
-			if driverRoot == "/" {
+			if driverRoot == "/" && !cdi {
 				continue
 			}
 			m.Host = driverRoot
@@ -81,6 +82,7 @@ func expectedMounts(t *testing.T, driverRoot string) []mountDoc {
 // policy is what a render must satisfy besides its own case's checks.
 type policy struct {
 	driverRoot   string
+	cdi          bool // a cdi-* device list strategy is set
 	metricsPort  int32
 	basicAuth    bool
 	tls          bool
@@ -130,7 +132,7 @@ func checkDaemonSetPolicy(t *testing.T, ds *appsv1.DaemonSet, p policy) {
 	checkResources(t, c.Resources)
 	checkProbes(t, c, p)
 	checkSecurityContext(t, c.SecurityContext, p)
-	checkMounts(t, spec, c, p.driverRoot)
+	checkMounts(t, spec, c, p.driverRoot, p.cdi)
 
 	if !slices.ContainsFunc(c.Ports, func(cp corev1.ContainerPort) bool {
 		return cp.Name == "metrics" && cp.ContainerPort == p.metricsPort
@@ -252,7 +254,7 @@ func checkSecurityContext(t *testing.T, sc *corev1.SecurityContext, p policy) {
 	}
 }
 
-func checkMounts(t *testing.T, spec corev1.PodSpec, c corev1.Container, driverRoot string) {
+func checkMounts(t *testing.T, spec corev1.PodSpec, c corev1.Container, driverRoot string, cdi bool) {
 	t.Helper()
 	volumes := map[string]corev1.Volume{}
 	for _, v := range spec.Volumes {
@@ -278,7 +280,7 @@ func checkMounts(t *testing.T, spec corev1.PodSpec, c corev1.Container, driverRo
 			t.Errorf("hostPath volume %s is not mounted", v.Name)
 		}
 	}
-	want := expectedMounts(t, driverRoot)
+	want := expectedMounts(t, driverRoot, cdi)
 	byContainer := func(a, b mountDoc) int { return strings.Compare(a.Container, b.Container) }
 	slices.SortFunc(got, byContainer)
 	slices.SortFunc(want, byContainer)

@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 
+	"github.com/gpu-plugin/gpu-plugin/internal/advert"
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	gpuplugin "github.com/gpu-plugin/gpu-plugin/internal/plugin"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
@@ -150,7 +151,7 @@ func TestOversizedListRecoversAfterReload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	respond := gpuplugin.ResponseOptionsFrom(cfg)
+	respond := advert.Respond(cfg, advert.Env{})
 	good := p.d.Plugins().Resources()
 
 	p.d.Plugins().Update([]*sharing.Resource{oversized(good[0])}, respond)

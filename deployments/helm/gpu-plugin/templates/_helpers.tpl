@@ -69,6 +69,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if not (kindIs "invalid" .Values.failOnInitError) }}{{ toString .Values.failOnInitError }}{{ end }}
 {{- end }}
 
+{{/*
+Whether the driver root is mounted at /driver-root: with a driver container (driverRoot not "/"),
+and with a cdi-* device list strategy (in deviceListStrategy or on an uncommented line of the inline
+config), whose CDI spec lists the driver's libraries and binaries found there.
+*/}}
+{{- define "gpu-plugin.mountDriverRoot" -}}
+{{- if or (ne .Values.driverRoot "/") (contains "cdi-" (toString .Values.deviceListStrategy)) (regexMatch "(?m)^[^#\n]*cdi-(annotations|cri)" (toString .Values.config.inline)) }}true{{ end }}
+{{- end }}
+
 {{/* Whether the MIG strategy set here makes NVML list MIG devices. */}}
 {{- define "gpu-plugin.migEnabled" -}}
 {{- if has .Values.migStrategy (list "single" "mixed") }}true{{ end }}

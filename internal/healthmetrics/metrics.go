@@ -1,10 +1,15 @@
-package health
+// Package healthmetrics exports the health table and the health monitor's
+// state as Prometheus metrics. It lives apart from package health so that
+// health depends on neither the advertised resources (sharing) nor
+// Prometheus.
+package healthmetrics
 
 import (
 	"strconv"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/gpu-plugin/gpu-plugin/internal/health"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
 )
 
@@ -33,15 +38,15 @@ var (
 // Collector exports device health and the monitor's state. It reads
 // everything at scrape time, so no series outlives its device.
 type Collector struct {
-	state     *State
-	monitor   *Monitor
+	state     *health.State
+	monitor   *health.Monitor
 	resources func() []*sharing.Resource
 }
 
 // NewCollector builds the collector. resources lists the advertised
 // resources (the plugin manager's); monitor may be nil when NVML is not
 // available.
-func NewCollector(state *State, monitor *Monitor, resources func() []*sharing.Resource) *Collector {
+func NewCollector(state *health.State, monitor *health.Monitor, resources func() []*sharing.Resource) *Collector {
 	return &Collector{state: state, monitor: monitor, resources: resources}
 }
 
@@ -77,7 +82,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	for _, e := range k.DoubleBitECC {
 		ch <- prometheus.MustNewConstMetric(dbeDesc, prometheus.CounterValue, float64(e.Count), strconv.Itoa(e.GPU), e.UUID)
 	}
-	for _, mode := range Modes {
+	for _, mode := range health.Modes {
 		v := 0.0
 		if mode == k.Mode {
 			v = 1
