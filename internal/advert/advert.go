@@ -96,10 +96,30 @@ func Respond(cfg *config.Config, env Env) plugin.ResponseOptions {
 		MOFED:               b(cfg.Flags.MOFEDEnabled),
 	}
 	o.IMEXChannels, _, _ = IMEXChannels(cfg)
+	// A simulated node's device nodes are in its laid-out root, unless
+	// --dev-root (or --driver-root) names another.
+	seen := "/"
 	if env.SimulatedDriverRoot != "" {
-		o.DevRoot = env.SimulatedDriverRoot
+		seen = o.DevRoot
+		if o.DevRoot == "/" {
+			o.DevRoot, seen = env.SimulatedDriverRoot, env.SimulatedDriverRoot
+		}
 	}
+	o.ControlNodes = controlNodes(seen)
 	return o
+}
+
+// controlNodes are the control device nodes passed with
+// --pass-device-specs: as NVIDIA's plugin does, each only if it exists
+// where this process sees the devices (on a real node, its own /dev).
+func controlNodes(root string) []string {
+	var out []string
+	for _, p := range []string{"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset"} {
+		if _, err := os.Stat(filepath.Join(root, p)); err == nil {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // CDIOptions say where the driver's files are for the CDI spec. On a real
@@ -121,6 +141,10 @@ func CDIOptions(cfg *config.Config, env Env) cdi.Options {
 	o.IMEXChannels, _, _ = IMEXChannels(cfg)
 	if env.SimulatedDriverRoot != "" {
 		o.DriverRoot, o.HostDriverRoot = env.SimulatedDriverRoot, env.SimulatedDriverRoot
+		o.DevRoot, o.HostDevRoot = env.SimulatedDriverRoot, env.SimulatedDriverRoot
+		if dev := cfg.DevRoot(); dev != "/" {
+			o.HostDevRoot = dev // --dev-root names where the runtime finds them
+		}
 		return o
 	}
 	o.HostDriverRoot, o.HostDevRoot = cfg.DriverRoot(), cfg.DevRoot()

@@ -239,3 +239,34 @@ func TestIMEXChannelsChecked(t *testing.T) {
 		t.Errorf("a regular file: %v", err)
 	}
 }
+
+// TestRespondControlNodes: as NVIDIA's plugin, --pass-device-specs passes
+// each control node only if it exists where the daemon sees the devices; a
+// simulated node's are in its laid-out root unless --dev-root names another.
+func TestRespondControlNodes(t *testing.T) {
+	inv, minors := inventory(t, "pcie-l4x4")
+	simRoot := simulatedRoot(t, inv, minors)
+	devRoot := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(devRoot, "dev"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(devRoot, "dev", "nvidiactl"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name    string
+		args    []string
+		devRoot string
+		nodes   []string
+	}{
+		{"laid-out root", nil, simRoot, []string{"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset"}},
+		{"--dev-root", []string{"--dev-root=" + devRoot}, devRoot, []string{"/dev/nvidiactl"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := advert.Respond(load(t, "", append([]string{"--pass-device-specs"}, tc.args...)...), advert.Env{SimulatedDriverRoot: simRoot})
+			if o.DevRoot != tc.devRoot || !slices.Equal(o.ControlNodes, tc.nodes) {
+				t.Errorf("dev root %s, control nodes %v; want %s, %v", o.DevRoot, o.ControlNodes, tc.devRoot, tc.nodes)
+			}
+		})
+	}
+}

@@ -112,8 +112,9 @@ func (r *reloader) build(inv *nvml.Inventory, cfg *config.Config) (*advert.Adver
 
 // publish makes next the node's advertisement: the CDI specs first (the
 // kubelet may allocate a new device as soon as it is advertised, and its
-// CDI name must resolve by then), then the kubelet's resources, then the
-// node labels. It returns what changed.
+// CDI name must resolve by then), then the kubelet's resources. It returns
+// what changed; the caller writes the node labels when they did, after
+// counting its reload or re-scan, so that labels on disk imply the count.
 func (r *reloader) publish(next *advert.Advertisement, cfg *config.Config) advert.Diff {
 	diff := advert.Compare(r.adv, next)
 	if diff.CDI {
@@ -125,9 +126,6 @@ func (r *reloader) publish(next *advert.Advertisement, cfg *config.Config) adver
 		r.d.plugins.Update(next.Resources, next.Respond)
 	}
 	r.adv = next
-	if diff.Labels {
-		r.writeLabels()
-	}
 	return diff
 }
 
@@ -343,6 +341,9 @@ func (r *reloader) reloadConfig(force bool) {
 	r.stats.lastSuccess = time.Now()
 	r.stats.lastError = ""
 	r.stats.mu.Unlock()
+	if diff.Labels {
+		r.writeLabels()
+	}
 	r.changed.Notify()
 }
 
@@ -391,6 +392,9 @@ func (r *reloader) rescan() {
 	r.log.Info("GPU layout changed: re-advertising", "changes", layout, "added", diff.Added, "removed", diff.Removed, "changed", diff.Changed,
 		"cdiSpecChanged", diff.CDI)
 	r.rescanDone("changed", "", nil)
+	if diff.Labels {
+		r.writeLabels()
+	}
 }
 
 func (r *reloader) rescanDone(result, msg string, err error) {

@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -28,9 +29,12 @@ type ResponseOptions struct {
 	Envvar, VolumeMounts, CDIAnnotations, CDICRI bool
 	// IndexIDs names devices by index ("0", "1:2") instead of UUID
 	// (--device-id-strategy=index).
-	IndexIDs            bool
-	PassDeviceSpecs     bool
-	DevRoot             string // host root of /dev, for PassDeviceSpecs
+	IndexIDs        bool
+	PassDeviceSpecs bool
+	DevRoot         string // host root of /dev, for PassDeviceSpecs
+	// ControlNodes are the control device nodes passed with
+	// PassDeviceSpecs besides the devices' own (/dev/nvidiactl, …).
+	ControlNodes        []string
 	CDIAnnotationPrefix string
 	GDRCopy, GDS, MOFED bool
 	IMEXChannels        []int
@@ -150,7 +154,7 @@ func (o ResponseOptions) cdiAnnotationKey() (string, error) {
 // not told to add them (passDeviceSpecs, for the CPU manager's static
 // policy, which re-creates containers without the runtime's help).
 func (o ResponseOptions) deviceSpecs(devices []*sharing.Device) []*pluginapi.DeviceSpec {
-	paths := []string{"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"}
+	paths := slices.Clone(o.ControlNodes)
 	seen := map[int]bool{}
 	seenCap := map[string]bool{}
 	for _, d := range devices {

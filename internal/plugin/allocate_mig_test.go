@@ -29,7 +29,7 @@ func TestAllocateMIGCapsWithPassDeviceSpecs(t *testing.T) {
 	mgr := plugin.NewManager(plugin.Options{
 		SocketDir: dir, Health: health.NewState(nil, nil),
 		Respond: plugin.ResponseOptions{Envvar: true,
-			PassDeviceSpecs: true, DevRoot: "/run/nvidia/driver"},
+			PassDeviceSpecs: true, DevRoot: "/run/nvidia/driver", ControlNodes: []string{"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"}},
 		PollInterval: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond, StreamGrace: 50 * time.Millisecond,
 		Logger: slog.New(slog.DiscardHandler),
 	})

@@ -244,7 +244,7 @@ func TestAllocateStrategies(t *testing.T) {
 		{
 			name: "passDeviceSpecs",
 			respond: plugin.ResponseOptions{Envvar: true,
-				PassDeviceSpecs: true, DevRoot: "/run/nvidia/driver"},
+				PassDeviceSpecs: true, DevRoot: "/run/nvidia/driver", ControlNodes: []string{"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"}},
 			pick: []int{7, 2},
 			check: func(t *testing.T, r *pluginapi.ContainerAllocateResponse, _ []string) {
 				var got []string
