@@ -30,7 +30,7 @@ nvidia-smi -L and nvidia-smi topo -m together.
 
   --simulate PROFILE   a simulated node instead of NVML (environment GPU_PLUGIN_SIMULATE):
                        built-in profiles: %s,
-                       or the path of a profile file (schema in README.md, "Simulated nodes")
+                       or the path of a profile file (schema in docs/simulated-nodes.md)
   --from URL           ask a running daemon instead (its metrics address, e.g.
                        http://localhost:9400): adds each device's health and reason
   -o, --output FORMAT  table (default), json or yaml

@@ -143,7 +143,9 @@ func CDIOptions(cfg *config.Config, env Env) cdi.Options {
 		o.DriverRoot, o.HostDriverRoot = env.SimulatedDriverRoot, env.SimulatedDriverRoot
 		o.DevRoot, o.HostDevRoot = env.SimulatedDriverRoot, env.SimulatedDriverRoot
 		if dev := cfg.DevRoot(); dev != "/" {
-			o.HostDevRoot = dev // --dev-root names where the runtime finds them
+			// --dev-root names where the runtime finds the device nodes:
+			// look for them there, as on a real node.
+			o.DevRoot, o.HostDevRoot = dev, dev
 		}
 		return o
 	}

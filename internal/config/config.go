@@ -271,7 +271,7 @@ func Parse(raw []byte) (*Config, error) {
 func explainDecodeError(err error) error {
 	msg := err.Error()
 	if f, ok := strings.CutPrefix(msg, "json: unknown field "); ok {
-		return fmt.Errorf("unknown field %s: remove it or check its spelling (see the configuration reference in README.md)", f)
+		return fmt.Errorf("unknown field %s: remove it or check its spelling (see the configuration reference in docs/configuration.md)", f)
 	}
 	var te *json.UnmarshalTypeError
 	if errors.As(err, &te) {

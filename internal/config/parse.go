@@ -184,7 +184,7 @@ func unknownField(path, key string, known []string) string {
 		}
 	}
 	sort.Strings(known)
-	msg += fmt.Sprintf(" Allowed here: %s (see Configuration file in README.md)", strings.Join(known, ", "))
+	msg += fmt.Sprintf(" Allowed here: %s (see Configuration file in docs/configuration.md)", strings.Join(known, ", "))
 	return joinPath(path, clip(key)) + ": " + msg
 }
 

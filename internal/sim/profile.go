@@ -19,7 +19,7 @@ import (
 )
 
 // Profile is a simulated node as written in a profile file. The schema is
-// documented in the README ("Simulated nodes") and shown by the built-in
+// documented in docs/simulated-nodes.md and shown by the built-in
 // profiles in profiles/*.yaml.
 type Profile struct {
 	// Name identifies the node; it seeds the stable UUIDs.

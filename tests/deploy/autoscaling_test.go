@@ -645,30 +645,30 @@ func TestAutoscalingLabelCheckRejects(t *testing.T) {
 	}
 }
 
-// TestReadmeAutoscaling: README's side-by-side shows the guide's HPA, which
+// TestReadmeAutoscaling: docs/autoscaling.md's side-by-side shows the guide's HPA, which
 // the API server accepts and the check above flags, and the working one,
 // which is hpa.yaml's.
 func TestReadmeAutoscaling(t *testing.T) {
-	section := readmeSection(t, "autoscaling-side-by-side")
+	section := docSection(t, AutoscalingDoc, "autoscaling-side-by-side")
 	blocks := regexp.MustCompile("(?s)```yaml\n(.*?)```").FindAllStringSubmatch(section, -1)
 	if len(blocks) != 2 {
-		t.Fatalf("README's autoscaling side-by-side has %d yaml blocks, want 2 (the guide's HPA, ours)", len(blocks))
+		t.Fatalf("%s's autoscaling side-by-side has %d yaml blocks, want 2 (the guide's HPA, ours)", AutoscalingDoc, len(blocks))
 	}
-	guide := readHPA(t, Doc{Source: "README guide HPA", Content: blocks[0][1]})
+	guide := readHPA(t, Doc{Source: AutoscalingDoc + " guide HPA", Content: blocks[0][1]})
 	if p := hpaProblems(guide, nil); len(p) == 0 || !strings.Contains(strings.Join(p, " "), "nvidia.com/gpu") {
-		t.Errorf("README's guide HPA should use a Resource metric on nvidia.com/gpu; problems found: %v", p)
+		t.Errorf("the side-by-side's guide HPA should use a Resource metric on nvidia.com/gpu; problems found: %v", p)
 	}
-	ours := readHPA(t, Doc{Source: "README working HPA", Content: blocks[1][1]})
+	ours := readHPA(t, Doc{Source: AutoscalingDoc + " working HPA", Content: blocks[1][1]})
 	file := readHPA(t, onlyDoc(t, HPAFile))
 	if !apiequality.Semantic.DeepEqual(ours.Spec.Metrics, file.Spec.Metrics) || ours.Spec.ScaleTargetRef != file.Spec.ScaleTargetRef {
-		t.Errorf("README's working HPA differs from %s in its metrics or target", HPAFile)
+		t.Errorf("the side-by-side's working HPA differs from %s in its metrics or target", HPAFile)
 	}
 	if guide.Spec.ScaleTargetRef != ours.Spec.ScaleTargetRef {
-		t.Error("README's two HPAs should scale the same Deployment")
+		t.Error("the side-by-side's two HPAs should scale the same Deployment")
 	}
 	for _, f := range []string{AdapterConfigFile, HPAFile, ScaledObjectFile} {
-		if !strings.Contains(string(readFile(t, ReadmePath)), f) {
-			t.Errorf("README does not name %s", f)
+		if !strings.Contains(string(readFile(t, AutoscalingDoc)), f) {
+			t.Errorf("%s does not name %s", AutoscalingDoc, f)
 		}
 	}
 }

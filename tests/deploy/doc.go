@@ -3,7 +3,7 @@
 // (deployments/helm/gpu-plugin), the alerts and their promtool unit tests,
 // the Grafana dashboard, the autoscaling examples (deployments/autoscaling:
 // prometheus-adapter rules, HPA, KEDA ScaledObject, their queries evaluated
-// in a real Prometheus), the Dockerfile and README's references.
+// in a real Prometheus), the Dockerfile and the references in README.md and docs/.
 //
 // It is a nested module so that Helm's Go library, k8s.io/api, the
 // Prometheus Operator's types and Prometheus' PromQL parser stay out of the

@@ -15,7 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 )
 
-// mountDoc is one row of README's table of host paths.
+// mountDoc is one row of docs/install.md's table of host paths.
 type mountDoc struct {
 	Host      string // absolute host path; "" for the driver root
 	Container string
@@ -26,11 +26,11 @@ type mountDoc struct {
 // whose host path is a value (and absent when the driver root is "/").
 const driverRootMount = "/driver-root"
 
-// documentedMounts parses README's host path table (between the
+// documentedMounts parses docs/install.md's host path table (between the
 // hostpaths:begin/end markers).
 func documentedMounts(t *testing.T) []mountDoc {
 	t.Helper()
-	section := readmeSection(t, "hostpaths")
+	section := docSection(t, InstallDoc, "hostpaths")
 	code := regexp.MustCompile("`([^`]+)`")
 	var out []mountDoc
 	for _, line := range strings.Split(section, "\n") {
@@ -50,15 +50,15 @@ func documentedMounts(t *testing.T) []mountDoc {
 			m.ReadOnly = true
 		case "read-write":
 		default:
-			t.Fatalf("README host path table: access %q in %q: want read-only or read-write", access, line)
+			t.Fatalf("docs/install.md host path table: access %q in %q: want read-only or read-write", access, line)
 		}
 		if m.Container == "" || (m.Host == "" && m.Container != driverRootMount) {
-			t.Fatalf("README host path table: row %q lacks a `host path` or `container path`", line)
+			t.Fatalf("docs/install.md host path table: row %q lacks a `host path` or `container path`", line)
 		}
 		out = append(out, m)
 	}
 	if len(out) == 0 {
-		t.Fatal("README host path table is empty")
+		t.Fatal("docs/install.md host path table is empty")
 	}
 	return out
 }
@@ -285,7 +285,7 @@ func checkMounts(t *testing.T, spec corev1.PodSpec, c corev1.Container, driverRo
 	slices.SortFunc(got, byContainer)
 	slices.SortFunc(want, byContainer)
 	if !slices.Equal(got, want) {
-		t.Errorf("hostPath mounts differ from README's table (driver root %q):\n got  %+v\n want %+v", driverRoot, got, want)
+		t.Errorf("hostPath mounts differ from docs/install.md's table (driver root %q):\n got  %+v\n want %+v", driverRoot, got, want)
 	}
 }
 
@@ -317,15 +317,15 @@ func readFile(t *testing.T, rel string) []byte {
 	return b
 }
 
-// readmeSection returns README's text between <!-- name:begin --> and
-// <!-- name:end -->.
-func readmeSection(t *testing.T, name string) string {
+// docSection returns the text of the repository file rel (README.md or a
+// docs/ page) between <!-- name:begin --> and <!-- name:end -->.
+func docSection(t *testing.T, rel, name string) string {
 	t.Helper()
-	readme := string(readFile(t, ReadmePath))
+	doc := string(readFile(t, rel))
 	begin, end := "<!-- "+name+":begin -->", "<!-- "+name+":end -->"
-	i, j := strings.Index(readme, begin), strings.Index(readme, end)
+	i, j := strings.Index(doc, begin), strings.Index(doc, end)
 	if i < 0 || j < i {
-		t.Fatalf("README.md lacks the %s and %s markers", begin, end)
+		t.Fatalf("%s lacks the %s and %s markers", rel, begin, end)
 	}
-	return readme[i+len(begin) : j]
+	return doc[i+len(begin) : j]
 }

@@ -7,11 +7,11 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 )
 
-// TestReadmeConfigurationReference: README's flag table (between the
+// TestReadmeConfigurationReference: docs/configuration.md's flag table (between the
 // flags:begin/end markers) names every flag, alias and environment variable
 // of config.Options(), and nothing else.
 func TestReadmeConfigurationReference(t *testing.T) {
-	table := readmeSection(t, "flags")
+	table := docSection(t, ConfigurationDoc, "flags")
 	documented := map[string]bool{}
 	for _, line := range strings.Split(table, "\n") {
 		if !strings.HasPrefix(strings.TrimSpace(line), "| `--") {
@@ -27,30 +27,34 @@ func TestReadmeConfigurationReference(t *testing.T) {
 		for _, name := range append([]string{o.Name}, o.Aliases...) {
 			known[name] = true
 			if !documented[name] {
-				t.Errorf("README's configuration reference lacks --%s (%s)", name, o.Usage)
+				t.Errorf("%s's configuration reference lacks --%s (%s)", ConfigurationDoc, name, o.Usage)
 			}
 		}
 		for _, e := range o.Env {
 			if !strings.Contains(table, "`"+e+"`") {
-				t.Errorf("README's configuration reference lacks the environment variable %s of --%s", e, o.Name)
+				t.Errorf("%s's configuration reference lacks the environment variable %s of --%s", ConfigurationDoc, e, o.Name)
 			}
 		}
 	}
 	for name := range documented {
 		if !known[name] {
-			t.Errorf("README documents --%s, which config.Options() does not have", name)
+			t.Errorf("%s documents --%s, which config.Options() does not have", ConfigurationDoc, name)
 		}
 	}
 }
 
 // genericFamilies are the Go runtime and process collectors' families:
-// README names them by prefix rather than one by one.
+// the docs name them by prefix rather than one by one.
 var genericFamilies = []string{"go_", "process_", "promhttp_"}
 
-// TestReadmeMetricsReference: README names every metric family the exporter
-// emits, in backticks.
+// TestReadmeMetricsReference: the docs pages of MetricsDocs name every metric
+// family the exporter emits, in backticks.
 func TestReadmeMetricsReference(t *testing.T) {
-	readme := string(readFile(t, ReadmePath))
+	var all strings.Builder
+	for _, rel := range MetricsDocs() {
+		all.Write(readFile(t, rel))
+	}
+	readme := all.String()
 	missingPrefix := map[string]bool{}
 	for _, name := range exportedMetrics(t).Names() {
 		generic := false
@@ -59,12 +63,12 @@ func TestReadmeMetricsReference(t *testing.T) {
 				generic = true
 				if !strings.Contains(readme, "`"+p+"*`") && !missingPrefix[p] {
 					missingPrefix[p] = true
-					t.Errorf("README does not mention the `%s*` families (e.g. %s)", p, name)
+					t.Errorf("%v do not mention the `%s*` families (e.g. %s)", MetricsDocs(), p, name)
 				}
 			}
 		}
 		if !generic && !strings.Contains(readme, "`"+name+"`") && !strings.Contains(readme, "`"+name+"{") {
-			t.Errorf("README's metrics references do not name %s", name)
+			t.Errorf("the metrics references in %v do not name %s", MetricsDocs(), name)
 		}
 	}
 }
@@ -73,7 +77,7 @@ func TestReadmeMetricsReference(t *testing.T) {
 // with nothing else: kubectl or Helm, then a Prometheus query and the node's
 // capacity.
 func TestReadmeInstall(t *testing.T) {
-	section := readmeSection(t, "install")
+	section := docSection(t, ReadmePath, "install")
 	for _, want := range []string{
 		"kubectl create -f deployments/static/gpu-plugin.yaml",
 		"helm install",

@@ -36,6 +36,20 @@ const (
 	helmOnlyLabelKeys = "helm.sh/chart:|app.kubernetes.io/managed-by:"
 )
 
+// The docs pages whose sections between <!-- name:begin/end --> markers the
+// tests read, relative to the repository root.
+const (
+	ConfigurationDoc = "docs/configuration.md" // the flags table
+	InstallDoc       = "docs/install.md"       // the host paths table
+	AutoscalingDoc   = "docs/autoscaling.md"   // the HPA side-by-side
+)
+
+// MetricsDocs are the pages that document the metric families: the telemetry
+// reference, health's families and live reload's.
+func MetricsDocs() []string {
+	return []string{"docs/telemetry.md", "docs/health.md", "docs/configuration.md"}
+}
+
 // RepoRoot is the repository's root directory, found from this file's place
 // (tests/deploy), so tests and the generator work from any directory.
 func RepoRoot() string {
