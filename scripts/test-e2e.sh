@@ -6,7 +6,8 @@
 # one binary (tests/e2e/cmd/e2e-node). The project's image is built from the
 # Dockerfile, unchanged, by buildah, on local stand-ins for its two base
 # images (nothing is pulled from a registry). The Helm chart is installed
-# into that node and GPU pods are scheduled, admitted and started.
+# into that node and GPU pods are scheduled, admitted and started; then the
+# static manifest is created object by object on the same node.
 #
 # Needs root (namespaces, mounts, cgroups) and the Debian packages below,
 # which it installs when missing. Without them it prints one SKIP line and

@@ -18,12 +18,18 @@ import (
 // placeholder libraries and binaries and real device nodes, in a temporary
 // directory removed by Close, so that its CDI spec comes from the same
 // generator as a real node's and the device nodes --pass-device-specs
-// names exist. Device nodes need CAP_MKNOD: without it the node runs
+// names exist. Device nodes need CAP_MKNOD and the directory a writable
+// TMPDIR: without either (a non-root user; the chart's pod, which drops
+// every capability and has a read-only root file system) the node runs
 // without a driver root, unless a cdi-* strategy needs one.
 func (d *Daemon) layOutSimulatedDriverRoot(inv *nvml.Inventory) error {
 	dir, err := os.MkdirTemp("", "gpu-plugin-simulated-driver-root-")
+	if err != nil && !d.cfg.UsesCDI() {
+		d.log.Debug("no simulated driver root: no writable temporary directory", "err", err)
+		return nil
+	}
 	if err != nil {
-		return fmt.Errorf("laying out the simulated driver root: %w", err)
+		return fmt.Errorf("laying out the simulated driver root for a cdi-* device list strategy: %w; set TMPDIR to a writable directory, or use --device-list-strategy=envvar", err)
 	}
 	var minors []byte
 	if src, ok := d.node.NVML().(nvml.MIGMinorsSource); ok {

@@ -21,8 +21,11 @@
 // and quota, 3 time-slicing through the chart's ConfigMap, 4 Prometheus with
 // README's scrape job (skipped where Prometheus lacks kubernetes_sd),
 // 5 health (XID 79 through the simulated node's /sim API), 6 kubelet and
-// plugin pod restarts, 7 uninstall. A failure prints every component's log
-// and every pod's.
+// plugin pod restarts, 7 uninstall; then 8, the second install path on the
+// same node (static_test.go): deployments/static/gpu-plugin.yaml created
+// object by object through the dynamic client, with the image and
+// GPU_PLUGIN_SIMULATE edited in, its 2-GPU pod, and its deletion. A failure
+// prints every component's log and every pod's.
 //
 // It is a nested module (like tests/kubelet and tests/deploy) so that the
 // main module does not depend on k8s.io/kubernetes, etcd or Helm.

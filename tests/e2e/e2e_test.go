@@ -98,6 +98,7 @@ func TestNode(t *testing.T) {
 		{"5-health", s.health},
 		{"6-restarts", s.restarts},
 		{"7-uninstall", s.uninstall},
+		{"8-static-manifest", s.staticManifestScenarios},
 	}
 	for _, sc := range scenarios {
 		if !t.Run(sc.name, sc.run) {
@@ -329,21 +330,10 @@ func (s *suite) gpuPodScenario(t *testing.T) {
 	// (the plugin's Allocate), sandbox, container start, status update.
 	s.timed("2 pod without GPUs: created → seen Running", dPlain)
 	s.timed("2 pod with 2 GPUs: created → seen Running", dGPU)
-	log := s.podLog(t, "default", pod.Name)
-	line := strings.TrimSpace(strings.SplitN(log, "\n", 2)[0])
-	value, ok := strings.CutPrefix(line, "NVIDIA_VISIBLE_DEVICES=")
-	if !ok {
-		t.Fatalf("the GPU pod printed %q, want NVIDIA_VISIBLE_DEVICES=…", log)
-	}
-	got := strings.Split(value, ",")
-	uuids := s.nodeUUIDs(t)
-	if len(got) != 2 || got[0] == got[1] || !slices.Contains(uuids, got[0]) || !slices.Contains(uuids, got[1]) {
-		t.Fatalf("the GPU pod's NVIDIA_VISIBLE_DEVICES=%q, want 2 distinct GPUs of the node %v", value, uuids)
-	}
-	sort.Strings(got)
+	got := s.visibleGPUs(t, pod)
 	s.gpuPod, s.gpuUUIDs = pod, got
-	t.Logf("pod %s (limits nvidia.com/gpu: 2) seen Running %s after creation (a pod without GPUs: %s); NVIDIA_VISIBLE_DEVICES=%s",
-		pod.Name, dGPU.Round(time.Millisecond), dPlain.Round(time.Millisecond), value)
+	t.Logf("pod %s (limits nvidia.com/gpu: 2) seen Running %s after creation (a pod without GPUs: %s); NVIDIA_VISIBLE_DEVICES names %v",
+		pod.Name, dGPU.Round(time.Millisecond), dPlain.Round(time.Millisecond), got)
 	if err := c.CoreV1().Pods("default").Delete(ctx, plain.Name, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -402,6 +392,26 @@ func (s *suite) gpuPodScenario(t *testing.T) {
 	if err := c.CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// visibleGPUs returns, sorted, the GPUs that a 2-GPU test pod printed in
+// its NVIDIA_VISIBLE_DEVICES, and fails unless they are 2 distinct GPUs of
+// the node.
+func (s *suite) visibleGPUs(t *testing.T, pod *corev1.Pod) []string {
+	t.Helper()
+	log := s.podLog(t, pod.Namespace, pod.Name)
+	line := strings.TrimSpace(strings.SplitN(log, "\n", 2)[0])
+	value, ok := strings.CutPrefix(line, "NVIDIA_VISIBLE_DEVICES=")
+	if !ok {
+		t.Fatalf("the GPU pod %s printed %q, want NVIDIA_VISIBLE_DEVICES=…", pod.Name, log)
+	}
+	got := strings.Split(value, ",")
+	uuids := s.nodeUUIDs(t)
+	if len(got) != 2 || got[0] == got[1] || !slices.Contains(uuids, got[0]) || !slices.Contains(uuids, got[1]) {
+		t.Fatalf("the GPU pod %s's NVIDIA_VISIBLE_DEVICES=%q, want 2 distinct GPUs of the node %v", pod.Name, value, uuids)
+	}
+	sort.Strings(got)
+	return got
 }
 
 // upgrade installs the install values plus extra, as `helm upgrade -f
@@ -588,11 +598,19 @@ func (s *suite) uninstall(t *testing.T) {
 		t.Fatalf("objects of the release remain after helm uninstall: %v", err)
 	}
 	s.timed("7 uninstall → every object gone", time.Since(t0))
+	s.waitNoGPUs(t, "7 uninstall", t0)
+}
+
+// waitNoGPUs waits, once the plugin is gone, for the node's allocatable
+// nvidia.com/gpu 0 and, with E2E_LONG=1, its capacity 0; what names the
+// step in the timings, timed from t0.
+func (s *suite) waitNoGPUs(t *testing.T, what string, t0 time.Time) {
+	t.Helper()
 	s.n.waitNode(t, "allocatable nvidia.com/gpu=0", 120*time.Second, func(nd *corev1.Node) bool {
 		_, al := gpus(nd)
 		return al == 0
 	})
-	s.timed("7 uninstall → node allocatable 0", time.Since(t0))
+	s.timed(what+" → node allocatable 0", time.Since(t0))
 	// The kubelet keeps a gone plugin's resource in the node's capacity for
 	// its endpoint grace period (5 minutes, fixed in the kubelet), then
 	// sets it to 0. E2E_LONG=1 waits for that too.
@@ -604,7 +622,7 @@ func (s *suite) uninstall(t *testing.T) {
 		cp, _ := gpus(nd)
 		return cp == 0
 	})
-	s.timed("7 uninstall → node capacity 0 (kubelet grace 5m)", time.Since(t0))
+	s.timed(what+" → node capacity 0 (kubelet grace 5m)", time.Since(t0))
 }
 
 // readmeScrapeJob returns README's scrape_configs block for the gpu-plugin
