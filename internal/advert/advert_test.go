@@ -1,7 +1,6 @@
 package advert_test
 
 import (
-	"errors"
 	"io"
 	"os"
 	"path/filepath"
@@ -15,29 +14,8 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/advert"
 	"github.com/gpu-plugin/gpu-plugin/internal/cdi"
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
-	"github.com/gpu-plugin/gpu-plugin/internal/driverroot"
-	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
-	"github.com/gpu-plugin/gpu-plugin/internal/sim"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
-
-func inventory(t *testing.T, profile string) (*nvml.Inventory, []byte) {
-	t.Helper()
-	p, err := sim.LoadProfile(profile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	node := sim.NewNode(p, nil)
-	lib, err := nvml.Open(node.NVML())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lib.Close() })
-	inv, err := nvml.Scan(lib, nvml.ScanOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return inv, node.NVML().(nvml.MIGMinorsSource).MIGMinors()
-}
 
 // load builds a config from flags and, when doc is not empty, a config file.
 func load(t *testing.T, doc string, args ...string) *config.Config {
@@ -56,26 +34,13 @@ func load(t *testing.T, doc string, args ...string) *config.Config {
 	return c
 }
 
-// simulatedRoot lays out a driver root for inv, or skips without CAP_MKNOD.
-func simulatedRoot(t *testing.T, inv *nvml.Inventory, minors []byte) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := driverroot.Create(dir, inv, minors); err != nil {
-		if errors.Is(err, driverroot.ErrNoMknod) {
-			t.Skipf("the CDI spec needs a driver root with device nodes: %v", err)
-		}
-		t.Fatal(err)
-	}
-	return dir
-}
-
 // TestBuildAgrees: the resources, the Allocate options, the CDI spec and
 // the labels of one advertisement describe the same devices: every device
 // a resource advertises resolves in the spec under the name Allocate gives
 // it, and the labels count what the resources hold.
 func TestBuildAgrees(t *testing.T) {
-	inv, minors := inventory(t, "dgx-a100-mig")
-	env := advert.Env{SimulatedDriverRoot: simulatedRoot(t, inv, minors)}
+	inv := testkit.Inventory(t, "dgx-a100-mig")
+	env := advert.Env{SimulatedDriverRoot: testkit.DriverRoot(t, inv)}
 	for _, ids := range []string{config.IDUUID, config.IDIndex} {
 		t.Run(ids, func(t *testing.T) {
 			cfg := load(t, "", "--mig-strategy=mixed", "--device-list-strategy=cdi-cri", "--device-id-strategy="+ids, "--node-labels=true")
@@ -125,8 +90,8 @@ func TestBuildAgrees(t *testing.T) {
 
 // TestCompare: one definition of what changed between two advertisements.
 func TestCompare(t *testing.T) {
-	inv, minors := inventory(t, "dgx-h100")
-	env := advert.Env{SimulatedDriverRoot: simulatedRoot(t, inv, minors)}
+	inv := testkit.Inventory(t, "dgx-h100")
+	env := advert.Env{SimulatedDriverRoot: testkit.DriverRoot(t, inv)}
 	const sliced = "version: v1\nsharing:\n  timeSlicing:\n    resources:\n    - name: nvidia.com/gpu\n      replicas: %d\n"
 	build := func(doc string, args ...string) *advert.Advertisement {
 		t.Helper()
@@ -173,7 +138,7 @@ func TestCompare(t *testing.T) {
 // TestBuildRefuses: a config the GPUs cannot take, or a CDI spec that
 // cannot be generated, is an error, so the caller keeps what it has.
 func TestBuildRefuses(t *testing.T) {
-	inv, _ := inventory(t, "dgx-a100-mig")
+	inv := testkit.Inventory(t, "dgx-a100-mig")
 	// mig-strategy single needs one profile on every MIG GPU.
 	if _, err := advert.Build(inv, load(t, "", "--mig-strategy=single"), advert.Env{}); err == nil {
 		t.Error("single strategy on mixed profiles: built")
@@ -244,8 +209,8 @@ func TestIMEXChannelsChecked(t *testing.T) {
 // each control node only if it exists where the daemon sees the devices; a
 // simulated node's are in its laid-out root unless --dev-root names another.
 func TestRespondControlNodes(t *testing.T) {
-	inv, minors := inventory(t, "pcie-l4x4")
-	simRoot := simulatedRoot(t, inv, minors)
+	inv := testkit.Inventory(t, "pcie-l4x4")
+	simRoot := testkit.DriverRoot(t, inv)
 	devRoot := t.TempDir()
 	if err := os.MkdirAll(filepath.Join(devRoot, "dev"), 0o755); err != nil {
 		t.Fatal(err)

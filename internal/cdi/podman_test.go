@@ -21,9 +21,8 @@ import (
 	specs "tags.cncf.io/container-device-interface/specs-go"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/cdi"
-	"github.com/gpu-plugin/gpu-plugin/internal/driverroot"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
-	"github.com/gpu-plugin/gpu-plugin/internal/sim"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 // probeImage is the image the test builds from busybox-static and imports;
@@ -49,14 +48,9 @@ func TestPodmanRunsCDIDevices(t *testing.T) {
 	}
 	nodes := map[string]*node{}
 	for _, profile := range []string{"pcie-l4x4", "dgx-a100-mig"} {
-		inv, migMinors := scanProfile(t, profile)
+		inv := testkit.Inventory(t, profile)
 		dir := t.TempDir()
-		n := &node{inv: inv, root: filepath.Join(dir, "root"), dir: filepath.Join(dir, "cdi"), log: filepath.Join(dir, "hooks.log")}
-		if err := driverroot.Create(n.root, inv, migMinors); errors.Is(err, driverroot.ErrNoMknod) {
-			t.Skipf("podman CDI test skipped: %v", err)
-		} else if err != nil {
-			t.Fatalf("%s: fake driver root: %v", profile, err)
-		}
+		n := &node{inv: inv, root: testkit.DriverRoot(t, inv), dir: filepath.Join(dir, "cdi"), log: filepath.Join(dir, "hooks.log")}
 		// The stand-in for nvidia-cdi-hook records its arguments (after
 		// argv[0], which the kernel replaces with the script's path) and
 		// succeeds, so the runtime really runs every hook of the spec.
@@ -198,31 +192,6 @@ func TestPodmanRunsCDIDevices(t *testing.T) {
 			}
 		})
 	}
-}
-
-// scanProfile returns the inventory of a simulated node and its driver's
-// mig-minors file.
-func scanProfile(t *testing.T, profile string) (*nvml.Inventory, []byte) {
-	t.Helper()
-	p, err := sim.LoadProfile(profile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	simLib := sim.NewNode(p, nil).NVML()
-	lib, err := nvml.Open(simLib)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lib.Close() })
-	inv, err := nvml.Scan(lib, nvml.ScanOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	src, ok := simLib.(nvml.MIGMinorsSource)
-	if !ok {
-		t.Fatal("the simulator supplies no mig-minors")
-	}
-	return inv, src.MIGMinors()
 }
 
 // deviceEdits are what a runtime applies for one device: the spec's common

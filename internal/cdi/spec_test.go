@@ -19,6 +19,7 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/driverroot"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/sim"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 // fakeNode is a simulated node's inventory, its NVML, and a driver root
@@ -45,15 +46,7 @@ func newFakeNode(t testing.TB, profile string) *fakeNode {
 	if err != nil {
 		t.Fatal(err)
 	}
-	src := node.NVML().(nvml.MIGMinorsSource)
-	root := t.TempDir()
-	if err := driverroot.Create(root, inv, src.MIGMinors()); err != nil {
-		if errors.Is(err, driverroot.ErrNoMknod) {
-			t.Skipf("the fake driver root needs device nodes: %v", err)
-		}
-		t.Fatal(err)
-	}
-	return &fakeNode{inv: inv, node: node, root: root}
+	return &fakeNode{inv: inv, node: node, root: testkit.DriverRoot(t, inv)}
 }
 
 // TestGenerateMatchesNVCDI checks the spec against nvcdi itself: nvcdi

@@ -1,15 +1,18 @@
 // Package testkit holds helpers shared by the packages' tests: an
 // inventory scanned from a simulated profile through the production
-// scanner, a manual clock, and a log buffer safe for concurrent writers.
+// scanner, a driver root laid out for it, a manual clock, and a log buffer
+// safe for concurrent writers.
 package testkit
 
 import (
 	"bytes"
+	"errors"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/gpu-plugin/gpu-plugin/internal/driverroot"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/sim"
 )
@@ -39,6 +42,21 @@ func Inventory(t testing.TB, profile string) *nvml.Inventory {
 		t.Fatal(err)
 	}
 	return inv
+}
+
+// DriverRoot lays out a stand-in driver root for inv (internal/driverroot)
+// with the driver's mig-minors for its GPUs, as a simulated node's, and
+// returns it. Its device nodes need CAP_MKNOD: without it the test skips.
+func DriverRoot(t testing.TB, inv *nvml.Inventory) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := driverroot.Create(dir, inv, nvml.DriverMIGMinors(len(inv.GPUs))); err != nil {
+		if errors.Is(err, driverroot.ErrNoMknod) {
+			t.Skipf("a driver root with device nodes: %v", err)
+		}
+		t.Fatal(err)
+	}
+	return dir
 }
 
 // Clock is a manual clock, safe for concurrent use: it moves only when
