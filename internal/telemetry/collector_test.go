@@ -518,3 +518,30 @@ func TestLabelOptions(t *testing.T) {
 		t.Errorf("without a host name, with dashes:\n%s", got)
 	}
 }
+
+// TestLegacyCounters: dcgm-exporter 1.x's lowercase names are served under
+// those names from the same fields; each name whose field is not served is
+// listed, and the file does not silently export nothing.
+func TestLegacyCounters(t *testing.T) {
+	set, err := telemetry.LoadCounters("testdata/legacy-1x-counters.csv")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(set.Skipped) != 2 || !strings.Contains(set.Skipped[0], "dcgm_pcie_tx_throughput (DCGM field 200)") {
+		t.Errorf("skipped %q, want the two PCIe throughput lines", set.Skipped)
+	}
+	if len(set.Metrics) != 20 {
+		t.Errorf("%d metrics, want the 20 served lines", len(set.Metrics))
+	}
+	e := newSimEnv(t, "pcie-l4x4", envOptions{metrics: set, noPods: true})
+	e.sample()
+	got := formatAll(t, e.collector)
+	for _, want := range []string{"# TYPE dcgm_gpu_temp gauge\n", "\ndcgm_gpu_utilization{", "\ndcgm_fb_used{"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("exposition lacks %q", want)
+		}
+	}
+	if strings.Contains(got, "DCGM_FI_DEV_GPU_TEMP") {
+		t.Errorf("a 1.x file exported DCGM_FI_* names too:\n%s", got)
+	}
+}

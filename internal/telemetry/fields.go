@@ -257,6 +257,14 @@ func ParseCounters(r io.Reader) (*MetricSet, error) {
 			return nil, fmt.Errorf("line %d: %q is not a DCGM field name (DCGM_FI_…)", line, name)
 		}
 		f, ok := LookupField(name)
+		if legacy, id, known, served := lookupLegacyField(name); known {
+			// A 1.x name: served under that name, from its DCGM field.
+			f, ok = legacy, served
+			if !served {
+				s.Skipped = append(s.Skipped, fmt.Sprintf("line %d: %s (DCGM field %d) is not served by gpu-plugin", line, name, id))
+				continue
+			}
+		}
 		if !ok {
 			s.Skipped = append(s.Skipped, fmt.Sprintf("line %d: %s is not served by gpu-plugin", line, name))
 			continue
@@ -271,5 +279,20 @@ func ParseCounters(r io.Reader) (*MetricSet, error) {
 		seen[f] = line
 		s.Metrics = append(s.Metrics, Metric{Field: f, Name: name, Kind: kind, Help: help})
 	}
+	if !s.servesAMetric() && len(s.Skipped) > 0 {
+		// Serving nothing while looking configured would hide the mistake.
+		return nil, fmt.Errorf("%s; no line of the file names a field gpu-plugin serves, so no DCGM metric would be exported (%d lines skipped: %s)",
+			s.Skipped[0], len(s.Skipped), strings.Join(s.Skipped, "; "))
+	}
 	return s, nil
+}
+
+// servesAMetric reports whether the set holds a metric, not only labels.
+func (s *MetricSet) servesAMetric() bool {
+	for _, m := range s.Metrics {
+		if m.Kind != KindLabel {
+			return true
+		}
+	}
+	return false
 }
