@@ -73,7 +73,7 @@ func Build(inv *nvml.Inventory, cfg *config.Config, env Env) (*Advertisement, er
 		}
 	}
 	if cfg.Daemon.NodeLabels {
-		a.Labels = labels.Compute(inv, a.Resources, cfg.MigStrategy())
+		a.Labels = labels.Compute(inv, a.Resources, labels.OptionsFrom(cfg))
 	}
 	return a, nil
 }
@@ -246,7 +246,7 @@ func Compare(old, next *Advertisement) Diff {
 	d.Removed = slices.Sorted(maps.Keys(byName))
 	d.Respond = !reflect.DeepEqual(old.Respond, next.Respond)
 	d.CDI = !sameSpecs(old.CDISpecs, next.CDISpecs)
-	d.Labels = !maps.Equal(old.Labels, next.Labels)
+	d.Labels = !labels.Equal(old.Labels, next.Labels) // a new timestamp alone is no change
 	return d
 }
 

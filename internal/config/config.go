@@ -80,7 +80,8 @@ type PluginFlags struct {
 	SharedDevicesAllocationPolicy *string        `json:"sharedDevicesAllocationPolicy,omitempty"`
 }
 
-// GFDFlags is `flags.gfd`, read by NVIDIA's feature discovery only. It is
+// GFDFlags is `flags.gfd`, NVIDIA's feature discovery settings. NoTimestamp
+// and MachineTypeFile shape gpu-plugin's node labels too; the rest are
 // accepted so existing files parse.
 type GFDFlags struct {
 	Oneshot         *bool     `json:"oneshot,omitempty"`

@@ -196,7 +196,7 @@ func healthOptions() []Option {
 	}
 	return []Option{
 		str("health-recovery", "GPU_PLUGIN_HEALTH_RECOVERY", DefaultHealthRecovery,
-			"when an unhealthy GPU returns to service: after-quiet-period (it answers NVML again and has no fatal event for --health-quiet-period) or never (until the daemon restarts); file: health.recovery",
+			"when an unhealthy GPU returns to service: after-quiet-period (it answers NVML again, has no fatal event for --health-quiet-period, the driver's recovery action reads none and no row remap is pending or failed) or never (until the daemon restarts); file: health.recovery",
 			checkRecovery, func(c *Config) **string { return &c.Health.Recovery }),
 		str("health-quiet-period", "GPU_PLUGIN_HEALTH_QUIET_PERIOD", "1m",
 			"how long a GPU must answer NVML without a fatal event before it is healthy again; doubles for a GPU that keeps failing (up to 16×); file: health.quietPeriod",

@@ -52,9 +52,11 @@ func TestNVIDIAExamplesParseUnchanged(t *testing.T) {
 			want(t, "7g replicas", c.Sharing.TimeSlicing.Resources[3].Replicas, 7)
 		}},
 		{file: "gfd-flags.yaml", warnings: []string{
-			"flags.useNodeFeatureAPI", "flags.gfd.oneshot", "flags.gfd.noTimestamp", "flags.gfd.sleepInterval",
-			"flags.gfd.outputFile", "flags.gfd.machineTypeFile",
+			"flags.useNodeFeatureAPI", "flags.gfd.oneshot", "flags.gfd.sleepInterval", "flags.gfd.outputFile",
 		}, check: func(t *testing.T, c *Config) {
+			// noTimestamp and machineTypeFile shape the node labels (internal/labels).
+			want(t, "noTimestamp", *c.Flags.GFD.NoTimestamp, false)
+			want(t, "machineTypeFile", *c.Flags.GFD.MachineTypeFile, "/sys/class/dmi/id/product_name")
 			want(t, "driver root", c.DriverRoot(), "/run/nvidia/driver")
 			want(t, "dev root defaults to the driver root", c.DevRoot(), "/run/nvidia/driver")
 		}},

@@ -194,8 +194,8 @@ func (c *Config) Warnings() []string {
 			name string
 			set  bool
 		}{
-			{"oneshot", g.Oneshot != nil}, {"noTimestamp", g.NoTimestamp != nil}, {"sleepInterval", g.SleepInterval != nil},
-			{"outputFile", g.OutputFile != nil}, {"machineTypeFile", g.MachineTypeFile != nil},
+			// noTimestamp and machineTypeFile apply to the node labels.
+			{"oneshot", g.Oneshot != nil}, {"sleepInterval", g.SleepInterval != nil}, {"outputFile", g.OutputFile != nil},
 		} {
 			if f.set {
 				w = append(w, fmt.Sprintf("flags.gfd.%s: read by NVIDIA's gpu-feature-discovery only; gpu-plugin writes node labels itself whenever they change (--node-labels, --labels-file); ignored", f.name))

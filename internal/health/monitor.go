@@ -21,7 +21,9 @@ const (
 	// RecoverNever keeps a device unhealthy until the daemon restarts.
 	RecoverNever Recovery = "never"
 	// RecoverAfterQuietPeriod brings a device back once its GPU answers
-	// NVML again and has had no fatal event for the quiet period.
+	// NVML again and has had no fatal event for the quiet period, and the
+	// driver wants nothing done first (recovery action none, no row remap
+	// pending or failed: gate.go).
 	RecoverAfterQuietPeriod Recovery = "after-quiet-period"
 )
 
@@ -118,6 +120,7 @@ type Monitor struct {
 	nextArm     time.Time
 	faults      map[string]*fault
 	history     map[string]flap
+	gateNews    gateNews // gate.go
 
 	rescan  notify.Signal
 	changed notify.Signal // the status was published
@@ -146,7 +149,8 @@ type gpuWatch struct {
 	probeFails     int
 	lastProbeErr   string
 	registered     bool
-	noEvents       string // why the GPU is not in the event set
+	noEvents       string   // why the GPU is not in the event set
+	gate           gateView // recovery action and row remapping (gate.go)
 }
 
 // NewMonitor prepares a monitor; Run starts it.
@@ -266,7 +270,7 @@ func (m *Monitor) refresh(inv *nvml.Inventory) (changed bool) {
 					if w.handle != nil && !w.incomplete {
 						w.answering, w.answeringSince = o.answering, o.answeringSince
 					}
-					w.probeFails, w.lastProbeErr = o.probeFails, o.lastProbeErr
+					w.probeFails, w.lastProbeErr, w.gate = o.probeFails, o.lastProbeErr, o.gate
 					w.rescanRequested = o.rescanRequested && w.incomplete
 				}
 			}

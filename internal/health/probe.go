@@ -20,6 +20,7 @@ type fault struct {
 	since   time.Time
 	lastBad time.Time
 	strikes int
+	held    string // what the recovery gate holds it for, once the quiet period is over
 }
 
 type flap struct {
@@ -96,7 +97,7 @@ func (m *Monitor) fault(unit string, i int, reason string) {
 		}
 		m.faults[unit] = f
 	}
-	f.lastBad, f.reason = now, reason
+	f.lastBad, f.reason, f.held = now, reason, ""
 	m.opts.State.SetUnhealthy(unit, reason)
 }
 
@@ -116,6 +117,7 @@ func (m *Monitor) probeRound() {
 	for i := range m.gpus {
 		m.probe(i)
 	}
+	m.sayGateNews()
 	// Re-arm when the answering GPUs changed: an NVML event set cannot
 	// drop a lost GPU, and a GPU that is back should deliver events again.
 	wanted := m.wantedArmed()
@@ -149,6 +151,12 @@ func (m *Monitor) probe(i int) {
 		if nvml.IsNotSupported(err) {
 			err = nil // it answered
 		}
+	}
+	if err == nil && w.handle != nil && m.readGate(i) {
+		return // lost while reading the recovery state
+	}
+	if err != nil {
+		w.gate.read = false
 	}
 	switch {
 	case err == nil:
@@ -199,6 +207,17 @@ func (m *Monitor) recoverUnits() {
 		}
 		quiet := m.quiet(f)
 		if now.Sub(m.cleanSince(f)) < quiet {
+			continue
+		}
+		if hold := w.gate.hold(); hold != "" {
+			// The quiet period is over but the driver wants something
+			// done first: stay out, saying what, until it clears.
+			m.opts.State.SetUnhealthy(unit, fmt.Sprintf("recovery held: %s (was: %s)", hold, f.reason))
+			if f.held != hold {
+				m.log.Info("quiet period over, device stays out until the driver's condition clears",
+					"device", unit, "gpu", w.index, "held", hold, "fault", f.reason)
+				f.held = hold
+			}
 			continue
 		}
 		m.opts.State.SetHealthy(unit, fmt.Sprintf("recovered: answers NVML with no fatal event for %s (was: %s)", quiet, f.reason))

@@ -45,6 +45,16 @@ type GPUStatus struct {
 	Events         bool   `json:"events"`
 	NoEvents       string `json:"noEvents,omitempty"`
 	LastProbeError string `json:"lastProbeError,omitempty"`
+	// RecoveryAction is NVML's recovery action for the GPU (none,
+	// gpu_reset, node_reboot, drain_p2p, drain_and_reset, …; unsupported
+	// when the driver lacks the field; empty until read) and RowRemap its
+	// row remapper, both read on every probe (gate.go).
+	RecoveryAction string          `json:"recoveryAction,omitempty"`
+	RowRemap       *RowRemapStatus `json:"rowRemap,omitempty"`
+	// RecoveryHold is what the driver wants before the GPU's unhealthy
+	// units can return ("needs GPU reset", "row remap pending"); empty
+	// when nothing.
+	RecoveryHold string `json:"recoveryHold,omitempty"`
 }
 
 // FaultStatus is an unhealthy unit the monitor is watching for recovery.
@@ -56,6 +66,7 @@ type FaultStatus struct {
 	LastBad      time.Time `json:"lastBad"`
 	QuietPeriod  string    `json:"quietPeriod"`
 	HealthyAfter time.Time `json:"healthyAfter,omitzero"` // earliest return, if the GPU answers
+	Held         string    `json:"held,omitempty"`        // past the quiet period, held out by the recovery gate for this
 }
 
 func (m *Monitor) countXID(gpu int, code uint64) {
@@ -104,7 +115,12 @@ func (m *Monitor) publish() {
 	var rescan []int
 	for i, w := range m.gpus {
 		gpus[i] = GPUStatus{Index: w.index, UUID: w.uuid, Answering: w.answering, Events: w.registered,
-			NoEvents: w.noEvents, LastProbeError: w.lastProbeErr}
+			NoEvents: w.noEvents, LastProbeError: w.lastProbeErr, RecoveryAction: w.gate.actionName()}
+		if w.gate.read {
+			rr := w.gate.remap
+			gpus[i].RowRemap = &rr
+			gpus[i].RecoveryHold = w.gate.hold()
+		}
 		if w.rescanRequested {
 			rescan = append(rescan, w.index)
 		}
@@ -112,7 +128,7 @@ func (m *Monitor) publish() {
 	faults := make([]FaultStatus, 0, len(m.faults))
 	for unit, f := range m.faults {
 		fs := FaultStatus{Unit: unit, GPU: -1, Reason: f.reason, Since: f.since, LastBad: f.lastBad,
-			QuietPeriod: m.quiet(f).String()}
+			QuietPeriod: m.quiet(f).String(), Held: f.held}
 		if f.gpu >= 0 {
 			fs.GPU = m.gpus[f.gpu].index
 		}
@@ -169,7 +185,8 @@ type Counters struct {
 	// DoubleBitECC counts double-bit ECC events by GPU.
 	DoubleBitECC []GPUCount
 	// Errors counts failed NVML steps by kind: event_set_create,
-	// register_events, event_wait, probe, unknown_device_event.
+	// register_events, event_wait, probe, unknown_device_event,
+	// recovery_action, row_remap.
 	Errors      map[string]uint64
 	ProbeRounds uint64
 	Events      uint64

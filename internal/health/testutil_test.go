@@ -71,6 +71,14 @@ func newMockNode(t testing.TB) *mockNode {
 			}
 			return gonvml.SUCCESS
 		}
+		// A current driver: recovery action none, no row remap pending.
+		dev.GetFieldValuesFunc = func(v []gonvml.FieldValue) gonvml.Return {
+			for k := range v {
+				v[k].NvmlReturn, v[k].ValueType, v[k].Value = uint32(gonvml.SUCCESS), uint32(gonvml.VALUE_TYPE_UNSIGNED_INT), [8]byte{}
+			}
+			return gonvml.SUCCESS
+		}
+		dev.GetRemappedRowsFunc = func() (int, int, bool, bool, gonvml.Return) { return 0, 0, false, false, gonvml.SUCCESS }
 		dev.GetPerformanceStateFunc = func() (gonvml.Pstates, gonvml.Return) {
 			if n.lost[i].Load() {
 				return 0, gonvml.ERROR_GPU_IS_LOST

@@ -27,12 +27,25 @@ var (
 		"1 for the health monitor's current mode: events (NVML event set), probing (periodic probes only), disabled, starting, stopped.",
 		[]string{"mode"}, nil)
 	monitorErrorsDesc = prometheus.NewDesc("gpu_plugin_health_monitor_errors_total",
-		"Failed NVML steps of the health monitor by kind (event_set_create, register_events, event_wait, probe, unknown_device_event).",
+		"Failed NVML steps of the health monitor by kind (event_set_create, register_events, event_wait, probe, unknown_device_event, recovery_action, row_remap).",
 		[]string{"kind"}, nil)
 	probeRoundsDesc = prometheus.NewDesc("gpu_plugin_health_probe_rounds_total",
 		"Rounds of probing every GPU.", nil, nil)
 	eventsDesc = prometheus.NewDesc("gpu_plugin_health_events_total",
 		"NVML events received by the health monitor.", nil, nil)
+	recoveryActionDesc = prometheus.NewDesc("gpu_plugin_gpu_recovery_action",
+		"NVML's recovery action for the GPU as a number (0 none, 1 gpu_reset, 2 node_reboot, 3 drain_p2p, 4 drain_and_reset, "+
+			"5 recover_imex_domain, 6 bus_reset, 7 system_reboot); action names it. Absent where the driver lacks the field.",
+		[]string{"gpu", "uuid", "action"}, nil)
+	remapPendingDesc = prometheus.NewDesc("gpu_plugin_row_remap_pending",
+		"1 while a row remap waits for a GPU reset. Absent where the GPU reports no row remapping (before Ampere, MIG on).",
+		[]string{"gpu", "uuid"}, nil)
+	remapFailureDesc = prometheus.NewDesc("gpu_plugin_row_remap_failure",
+		"1 if row remapping failed on the GPU. Absent where the GPU reports no row remapping (before Ampere, MIG on).",
+		[]string{"gpu", "uuid"}, nil)
+	recoveryHeldDesc = prometheus.NewDesc("gpu_plugin_gpu_recovery_held",
+		"1 if the driver wants something done before the GPU's unhealthy devices may return (reason says what), 0 if not.",
+		[]string{"gpu", "uuid", "reason"}, nil)
 )
 
 // Collector exports device health and the monitor's state. It reads
@@ -52,7 +65,8 @@ func NewCollector(state *health.State, monitor *health.Monitor, resources func()
 
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{deviceHealthyDesc, xidDesc, dbeDesc, modeDesc, monitorErrorsDesc, probeRoundsDesc, eventsDesc} {
+	for _, d := range []*prometheus.Desc{deviceHealthyDesc, xidDesc, dbeDesc, modeDesc, monitorErrorsDesc, probeRoundsDesc, eventsDesc,
+		recoveryActionDesc, remapPendingDesc, remapFailureDesc, recoveryHeldDesc} {
 		ch <- d
 	}
 }
@@ -94,4 +108,30 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(probeRoundsDesc, prometheus.CounterValue, float64(k.ProbeRounds))
 	ch <- prometheus.MustNewConstMetric(eventsDesc, prometheus.CounterValue, float64(k.Events))
+	collectRecovery(ch, c.monitor.Status().GPUs)
+}
+
+// collectRecovery exports what the recovery gate read on each GPU's last
+// probe; GPUs not read (lost, unidentified) have no series.
+func collectRecovery(ch chan<- prometheus.Metric, gpus []health.GPUStatus) {
+	b := func(v bool) float64 {
+		if v {
+			return 1
+		}
+		return 0
+	}
+	for _, g := range gpus {
+		if g.RowRemap == nil {
+			continue
+		}
+		gpu := strconv.Itoa(g.Index)
+		if code, ok := health.RecoveryActionCode(g.RecoveryAction); ok {
+			ch <- prometheus.MustNewConstMetric(recoveryActionDesc, prometheus.GaugeValue, float64(code), gpu, g.UUID, g.RecoveryAction)
+		}
+		if g.RowRemap.Supported {
+			ch <- prometheus.MustNewConstMetric(remapPendingDesc, prometheus.GaugeValue, b(g.RowRemap.Pending), gpu, g.UUID)
+			ch <- prometheus.MustNewConstMetric(remapFailureDesc, prometheus.GaugeValue, b(g.RowRemap.Failure), gpu, g.UUID)
+		}
+		ch <- prometheus.MustNewConstMetric(recoveryHeldDesc, prometheus.GaugeValue, b(g.RecoveryHold != ""), gpu, g.UUID, g.RecoveryHold)
+	}
 }

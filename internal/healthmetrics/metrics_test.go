@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -137,6 +138,87 @@ gpu_plugin_health_events_total 3
 `
 	if err := testutil.CollectAndCompare(c, strings.NewReader(want),
 		"gpu_plugin_health_monitor_mode", "gpu_plugin_xid_errors_total", "gpu_plugin_health_events_total"); err != nil {
+		t.Error(err)
+	}
+	if problems, err := testutil.CollectAndLint(c); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %+v", err, problems)
+	}
+}
+
+// TestCollectorRecoveryGate: the recovery action, the row remapper and the
+// gate's hold of each GPU, as the monitor's last probe read them on a
+// simulated node.
+func TestCollectorRecoveryGate(t *testing.T) {
+	p, err := sim.LoadProfile("dgx-h100")
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := sim.NewNode(p, nil)
+	lib, err := nvml.Open(node.NVML())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lib.Close() })
+	inv, err := nvml.Scan(lib, nvml.ScanOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := node.SetRecoveryAction(3, 1); err != nil { // GPU_RECOVERY_ACTION_GPU_RESET
+		t.Fatal(err)
+	}
+	if err := node.SetRowRemap(5, sim.RowRemap{Uncorrectable: 1, Pending: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := node.SetRowRemap(6, sim.RowRemap{Uncorrectable: 512, Failure: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := node.SetFault(7, "GetFieldValues", 3); err != nil { // NOT_SUPPORTED: a driver without the field
+		t.Fatal(err)
+	}
+	m := health.NewMonitor(health.MonitorOptions{
+		Lib: lib, Inventory: func() *nvml.Inventory { return inv }, State: health.NewState(nil, nil),
+		ProbeInterval: 10 * time.Millisecond, WaitTimeout: 20 * time.Millisecond, Logger: slog.New(slog.DiscardHandler),
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- m.Run(ctx) }()
+	wctx, wcancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer wcancel()
+	err = m.WaitFor(wctx, func(s health.MonitorStatus) bool { return s.ProbeRounds > 0 })
+	cancel()
+	<-done
+	if err != nil {
+		t.Fatal(err)
+	}
+	var action, pending, failure, held strings.Builder
+	for i, g := range inv.GPUs {
+		id := `gpu="` + strconv.Itoa(i) + `",uuid="` + g.UUID + `"`
+		switch i {
+		case 3:
+			action.WriteString(`gpu_plugin_gpu_recovery_action{action="gpu_reset",` + id + "} 1\n")
+		case 7:
+		default:
+			action.WriteString(`gpu_plugin_gpu_recovery_action{action="none",` + id + "} 0\n")
+		}
+		pending.WriteString(`gpu_plugin_row_remap_pending{` + id + "} " + map[bool]string{true: "1", false: "0"}[i == 5] + "\n")
+		failure.WriteString(`gpu_plugin_row_remap_failure{` + id + "} " + map[bool]string{true: "1", false: "0"}[i == 6] + "\n")
+		reason := map[int]string{3: "needs GPU reset", 5: "row remap pending", 6: "row remap failed"}[i]
+		held.WriteString(`gpu_plugin_gpu_recovery_held{gpu="` + strconv.Itoa(i) + `",reason="` + reason + `",uuid="` + g.UUID + `"} ` +
+			map[bool]string{true: "1", false: "0"}[reason != ""] + "\n")
+	}
+	want := `
+# HELP gpu_plugin_gpu_recovery_action NVML's recovery action for the GPU as a number (0 none, 1 gpu_reset, 2 node_reboot, 3 drain_p2p, 4 drain_and_reset, 5 recover_imex_domain, 6 bus_reset, 7 system_reboot); action names it. Absent where the driver lacks the field.
+# TYPE gpu_plugin_gpu_recovery_action gauge
+` + action.String() + `# HELP gpu_plugin_row_remap_pending 1 while a row remap waits for a GPU reset. Absent where the GPU reports no row remapping (before Ampere, MIG on).
+# TYPE gpu_plugin_row_remap_pending gauge
+` + pending.String() + `# HELP gpu_plugin_row_remap_failure 1 if row remapping failed on the GPU. Absent where the GPU reports no row remapping (before Ampere, MIG on).
+# TYPE gpu_plugin_row_remap_failure gauge
+` + failure.String() + `# HELP gpu_plugin_gpu_recovery_held 1 if the driver wants something done before the GPU's unhealthy devices may return (reason says what), 0 if not.
+# TYPE gpu_plugin_gpu_recovery_held gauge
+` + held.String()
+	c := NewCollector(health.NewState(nil, nil), m, nil)
+	if err := testutil.CollectAndCompare(c, strings.NewReader(want), "gpu_plugin_gpu_recovery_action",
+		"gpu_plugin_row_remap_pending", "gpu_plugin_row_remap_failure", "gpu_plugin_gpu_recovery_held"); err != nil {
 		t.Error(err)
 	}
 	if problems, err := testutil.CollectAndLint(c); err != nil || len(problems) > 0 {

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/labels"
@@ -14,9 +15,13 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
-func build(t *testing.T, profile, doc string) (*nvml.Inventory, []*sharing.Resource, string) {
+func build(t *testing.T, profile, doc string) (*nvml.Inventory, []*sharing.Resource, labels.Options) {
 	t.Helper()
-	inv := testkit.Inventory(t, profile)
+	return buildFor(t, testkit.Inventory(t, profile), doc)
+}
+
+func buildFor(t *testing.T, inv *nvml.Inventory, doc string) (*nvml.Inventory, []*sharing.Resource, labels.Options) {
+	t.Helper()
 	c, err := config.Parse([]byte("version: v1\n" + doc))
 	if err != nil {
 		t.Fatal(err)
@@ -25,11 +30,10 @@ func build(t *testing.T, profile, doc string) (*nvml.Inventory, []*sharing.Resou
 	if err != nil {
 		t.Fatal(err)
 	}
-	strategy := c.MigStrategy()
-	if strategy == "" {
-		strategy = config.MigNone
-	}
-	return inv, rs, strategy
+	o := labels.OptionsFrom(c)
+	o.MachineTypeFile = "" // the test host's DMI name is not the simulated node's
+	o.Now = func() time.Time { return time.Unix(1700000000, 0) }
+	return inv, rs, o
 }
 
 func TestCompute(t *testing.T) {
@@ -41,7 +45,7 @@ func TestCompute(t *testing.T) {
 			"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": "8", "nvidia.com/gpu.memory": "81920",
 			"nvidia.com/gpu.replicas": "1", "nvidia.com/gpu.sharing-strategy": "none", "nvidia.com/gpu.family": "hopper",
 			"nvidia.com/gpu.compute.major": "9", "nvidia.com/gpu.compute.minor": "0",
-			"nvidia.com/mig.capable": "true", "nvidia.com/mig.strategy": "none", "nvidia.com/mps.capable": "false",
+			"nvidia.com/mig.capable": "true", "nvidia.com/mig.strategy": "", "nvidia.com/mps.capable": "false",
 			"nvidia.com/cuda.driver-version.full": "550.90.07", "nvidia.com/cuda.driver-version.major": "550",
 			"nvidia.com/cuda.driver-version.minor": "90", "nvidia.com/cuda.driver-version.revision": "07",
 			"nvidia.com/cuda.runtime-version.full": "12.4", "nvidia.com/cuda.runtime-version.major": "12",
@@ -58,7 +62,7 @@ func TestCompute(t *testing.T) {
 			"nvidia.com/mig.strategy": "mixed", "nvidia.com/gpu.count": "8",
 			"nvidia.com/mig-1g.5gb.count": "9", "nvidia.com/mig-1g.5gb.product": "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb",
 			"nvidia.com/mig-1g.5gb.memory": "4864", "nvidia.com/mig-1g.5gb.replicas": "1",
-			"nvidia.com/mig-1g.5gb.me.count": "1", "nvidia.com/mig-1g.5gb.me.product": "NVIDIA-A100-SXM4-40GB-MIG-1g.5gbme",
+			"nvidia.com/mig-1g.5gb.me.count": "1", "nvidia.com/mig-1g.5gb.me.product": "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb.me",
 			"nvidia.com/mig-3g.20gb.count": "3", "nvidia.com/mig-3g.20gb.replicas": "2",
 			"nvidia.com/mig-3g.20gb.sharing-strategy": "time-slicing", "nvidia.com/mig-3g.20gb.product": "NVIDIA-A100-SXM4-40GB-MIG-3g.20gb-SHARED",
 			"nvidia.com/mig-7g.40gb.count": "1",
@@ -74,8 +78,8 @@ func TestCompute(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			inv, rs, strategy := build(t, tc.profile, tc.config)
-			l := labels.Compute(inv, rs, strategy)
+			inv, rs, o := build(t, tc.profile, tc.config)
+			l := labels.Compute(inv, rs, o)
 			for k, v := range tc.want {
 				got, ok := l[k]
 				switch {
@@ -92,7 +96,7 @@ func TestCompute(t *testing.T) {
 			}
 		})
 	}
-	if l := labels.Compute(nil, nil, ""); len(l) != 0 {
+	if l := labels.Compute(nil, nil, labels.Options{}); len(l) != 0 {
 		t.Errorf("no inventory gives no labels: %v", l)
 	}
 }

@@ -40,6 +40,11 @@ type GPU struct {
 	MIGCapable        bool              `json:"migCapable"`
 	MIGEnabled        bool              `json:"migEnabled"`
 	MIGDevices        []MIGDevice       `json:"migDevices,omitempty"`
+	// PCIClass is the PCI class code, 0x030200 for a 3D controller (compute
+	// mode), 0x030000 for a VGA controller (display mode); 0 if unknown.
+	PCIClass uint32 `json:"pciClass,omitempty"`
+	// Fabric is the NVLink fabric the GPU is attached to; nil if none.
+	Fabric *Fabric `json:"fabric,omitempty"`
 
 	// Lost is set when NVML reported the GPU as fallen off the bus during the
 	// scan; Problem says what went wrong with a GPU that could not be fully
@@ -72,6 +77,9 @@ type MIGDevice struct {
 	// container needs besides the parent's /dev/nvidia<minor>; empty when
 	// the driver's mig-minors file could not be read (see the GPU's Problem).
 	CapDevicePaths []string `json:"capDevicePaths,omitempty"`
+	// Attributes are the device's SMs, slices and engines; nil when NVML
+	// could not report them.
+	Attributes *MIGAttributes `json:"attributes,omitempty"`
 }
 
 // Handle returns the NVML handle of a GPU or MIG device by UUID. Use it only
@@ -229,6 +237,9 @@ func describeGPU(l *Library, dev gonvml.Device, gpu *GPU, sysRoot string, handle
 		return err
 	} else {
 		gpu.NUMANode = sysfsNUMANode(sysRoot, gpu.PCIBusID)
+	}
+	if err := describeFeatures(l, dev, gpu, sysRoot); err != nil {
+		return err
 	}
 	return describeMIG(l, dev, gpu, handles, capsLoader)
 }

@@ -62,9 +62,9 @@ func (p *migProfiles) gpuInstanceProfile(id uint32) (giProfile, error) {
 	return prof, nil
 }
 
-// computeInstanceSlices returns the slice count of the compute-instance
-// profile with the given ID inside gi, whose GPU-instance profile is giID.
-func (p *migProfiles) computeInstanceSlices(gi gonvml.GpuInstance, giID, ciID uint32) (uint32, error) {
+// computeInstanceProfile returns the compute-instance profile with the
+// given ID inside gi, whose GPU-instance profile is giID.
+func (p *migProfiles) computeInstanceProfile(gi gonvml.GpuInstance, giID, ciID uint32) (gonvml.ComputeInstanceProfileInfo, error) {
 	table, ok := p.ci[giID]
 	if !ok {
 		table = map[uint32]gonvml.ComputeInstanceProfileInfo{}
@@ -74,7 +74,7 @@ func (p *migProfiles) computeInstanceSlices(gi gonvml.GpuInstance, giID, ciID ui
 			})
 			if err != nil {
 				if IsLost(err) {
-					return 0, err
+					return gonvml.ComputeInstanceProfileInfo{}, err
 				}
 				continue
 			}
@@ -91,9 +91,9 @@ func (p *migProfiles) computeInstanceSlices(gi gonvml.GpuInstance, giID, ciID ui
 	if !ok {
 		p.l.countFailure("nvmlGpuInstanceGetComputeInstanceProfileInfo")
 		p.l.errors.Add(1)
-		return 0, fmt.Errorf("no compute-instance profile has ID %d in GPU-instance profile %d: check `nvidia-smi mig -lcip`", ciID, giID)
+		return info, fmt.Errorf("no compute-instance profile has ID %d in GPU-instance profile %d: check `nvidia-smi mig -lcip`", ciID, giID)
 	}
-	return info.SliceCount, nil
+	return info, nil
 }
 
 // describeMIG reads the MIG mode and, when MIG is on, every MIG device, the
@@ -199,7 +199,6 @@ func describeMIGDevice(l *Library, parent, mig gonvml.Device, parentMemory uint6
 	if err != nil {
 		return m, err
 	}
-	ciSlices := prof.info.SliceCount
 	ci, err := Call(l, "nvmlGpuInstanceGetComputeInstanceById", func() (gonvml.ComputeInstance, gonvml.Return) {
 		return gi.GetComputeInstanceById(m.ComputeInstanceID)
 	})
@@ -210,13 +209,17 @@ func describeMIGDevice(l *Library, parent, mig gonvml.Device, parentMemory uint6
 	if err != nil {
 		return m, err
 	}
-	if ciSlices, err = profiles.computeInstanceSlices(gi, giInfo.ProfileId, ciInfo.ProfileId); err != nil {
+	ciProf, err := profiles.computeInstanceProfile(gi, giInfo.ProfileId, ciInfo.ProfileId)
+	if err != nil {
 		return m, err
 	}
 	if m.MemoryBytes == 0 {
 		m.MemoryBytes = prof.info.MemorySizeMB << 20
 	}
-	m.Profile = MIGProfileName(prof.index, prof.info.SliceCount, ciSlices, prof.info.MemorySizeMB, parentMemory)
+	m.Profile = MIGProfileName(prof.index, prof.info.SliceCount, ciProf.SliceCount, prof.info.MemorySizeMB, parentMemory)
+	if m.Attributes, err = migAttributes(l, mig, prof.info, ciProf); err != nil {
+		return m, err
+	}
 	return m, nil
 }
 

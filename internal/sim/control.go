@@ -39,8 +39,13 @@ import (
 //	                                    EventSetWait on every event set (error=SUCCESS clears)
 //	POST /sim/events/wait-lost?on=true  event waits fail with GPU_IS_LOST while a GPU
 //	                                    registered on the set is lost
+//	POST /sim/gpus/{index}/recovery?action=gpu_reset
+//	                                    NVML's recovery action field (recovery.go)
+//	POST /sim/gpus/{index}/remap?corr=0&uncorr=1&pending=true&failure=false
+//	                                    the row-remapper state (recovery.go)
 func (n *Node) Handler() http.Handler {
 	mux := http.NewServeMux()
+	n.addRecoveryHandlers(mux)
 	mux.HandleFunc("GET /sim/gpus", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, http.StatusOK, n.State())
 	})

@@ -60,6 +60,10 @@ type GPUState struct {
 	// MIGEnabled and MIGDevices are the current MIG layout (SetMIGLayout).
 	MIGEnabled bool     `json:"mig_enabled"`
 	MIGDevices []string `json:"mig_devices,omitempty"`
+	// RecoveryAction (go-nvml's GPU_RECOVERY_ACTION_*) and RowRemap are
+	// what the driver says the GPU needs (SetRecoveryAction, SetRowRemap).
+	RecoveryAction uint32   `json:"recovery_action"`
+	RowRemap       RowRemap `json:"row_remap"`
 }
 
 // Node is a running simulated node. Its mock functions are fixed at
@@ -93,6 +97,9 @@ type gpuState struct {
 	energyMJ float64
 	energyAt time.Time
 	xids     int
+	rec      recoveryState // recovery action and row remapper (recovery.go)
+
+	fabric gonvml.GpuFabricInfo // NVLink fabric registration (gfd.go)
 }
 
 type faultKey struct {
@@ -316,6 +323,8 @@ func (n *Node) newDevice(g *simGPU) *mock.Device {
 		})
 	}
 	n.addTelemetryFuncs(d, g) // field values, encoder/decoder, PCIe replays, GPM (telemetry.go)
+	n.addRecoveryFuncs(d, g)  // remapped rows (recovery.go)
+	n.addFeatureFuncs(d, g)   // PCI class, fabric (gfd.go)
 
 	// Topology: NVLinks as the profile's matrix describes them.
 	links := n.nvlinkEnds(i)
@@ -768,7 +777,8 @@ func (n *Node) State() []GPUState {
 		s := &n.state[i]
 		n.advanceEnergyLocked(s)
 		out[i] = GPUState{Index: i, UUID: n.spec.gpus[i].uuid, Lost: s.lost, Telemetry: s.tel,
-			EnergyMJ: uint64(s.energyMJ), XIDs: s.xids, MIGEnabled: s.mig.enabled, MIGDevices: s.mig.profiles()}
+			EnergyMJ: uint64(s.energyMJ), XIDs: s.xids, MIGEnabled: s.mig.enabled, MIGDevices: s.mig.profiles(),
+			RecoveryAction: uint32(s.rec.action), RowRemap: s.rec.remap}
 	}
 	return out
 }

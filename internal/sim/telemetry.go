@@ -125,13 +125,23 @@ func (n *Node) addTelemetryFuncs(d *mock.Device, g *simGPU) {
 		if len(values) == 0 {
 			return gonvml.ERROR_INVALID_ARGUMENT
 		}
-		temp, r := read(n, i, "GetFieldValues", func(s *gpuState) uint32 { return s.tel.MemoryTempC })
+		temp, r := read(n, i, "GetFieldValues", func(s *gpuState) uint32 {
+			for k := range values {
+				if values[k].FieldId == gonvml.FI_DEV_GET_GPU_RECOVERY_ACTION {
+					n.recoveryFieldLocked(i, &values[k]) // recovery.go
+				}
+			}
+			return s.tel.MemoryTempC
+		})
 		if r != gonvml.SUCCESS {
 			return r
 		}
 		for k := range values {
 			v := &values[k]
 			v.Timestamp = n.now().UnixMicro()
+			if v.FieldId == gonvml.FI_DEV_GET_GPU_RECOVERY_ACTION {
+				continue // answered above
+			}
 			if v.FieldId != gonvml.FI_DEV_MEMORY_TEMP || !hbm {
 				v.NvmlReturn = uint32(gonvml.ERROR_NOT_SUPPORTED)
 				continue
