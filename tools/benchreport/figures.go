@@ -76,7 +76,7 @@ var suites = []suite{
 	{id: "K", dir: "tests/kubelet", pkg: ".", bench: "^(BenchmarkDaemonStartToCapacity|BenchmarkKubeletRestartToCapacity)$", extra: []string{"-benchtime", "20x"}, root: true},
 	{id: "L", dir: ".", pkg: "./internal/daemon/", bench: "^BenchmarkConcurrentScrapes$", extra: []string{"-benchtime", "1x"}},
 	{id: "M", dir: "tests/kubelet", pkg: ".", bench: "^BenchmarkStreamDropToCapacity$", extra: []string{"-benchtime", "5x"}, root: true},
-	{id: "N", dir: ".", pkg: "./internal/cdi/", bench: "^BenchmarkGenerate$", extra: []string{"-benchtime", "50x", "-benchmem"}},
+	{id: "O", dir: ".", pkg: "./internal/cdi/", bench: "^BenchmarkGenerate$", extra: []string{"-benchtime", "50x", "-benchmem"}},
 }
 
 // metric is one reported value of a benchmark, shown as label + value +
@@ -178,8 +178,8 @@ var figures = []figure{
 		note: "before the bound: 372 MB peak, p99 2.7 s"},
 	{what: "Kubelet drops the ListAndWatch stream (connection closed, no restart) → capacity back (real device manager)", suite: "M", bench: "BenchmarkStreamDropToCapacity",
 		metrics: []metric{{"p50", "ms-p50", 1, " ms"}, {"max", "ms-max", 1, " ms"}}, note: "the 1 s stream grace window is most of it"},
-	{what: "CDI spec generation through nvcdi, dgx-h100 (at start; after a reload or re-scan that changed the GPUs)", suite: "N", bench: "BenchmarkGenerate/dgx-h100",
+	{what: "CDI spec generation through nvcdi, dgx-h100 (at start; after a reload or re-scan that changed the GPUs)", suite: "O", bench: "BenchmarkGenerate/dgx-h100",
 		metrics: []metric{{"mean", "ns/op", 1e-6, " ms"}, allocs}, note: "needs root (device nodes in the driver root); skipped otherwise"},
-	{what: "CDI spec generation through nvcdi, dgx-a100-mig (8 GPUs, 17 MIG devices)", suite: "N", bench: "BenchmarkGenerate/dgx-a100-mig",
+	{what: "CDI spec generation through nvcdi, dgx-a100-mig (8 GPUs, 17 MIG devices)", suite: "O", bench: "BenchmarkGenerate/dgx-a100-mig",
 		metrics: []metric{{"mean", "ns/op", 1e-6, " ms"}, allocs}},
 }

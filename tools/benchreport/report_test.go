@@ -131,3 +131,15 @@ func TestReportWritesEveryRowAndSuite(t *testing.T) {
 		}
 	}
 }
+
+// TestSuiteIDsUnique: every suite, the real-NVML one included, has its own
+// letter, so the report's suite links are not ambiguous.
+func TestSuiteIDsUnique(t *testing.T) {
+	seen := map[string]bool{"N": true} // nvmlFigures' suite
+	for _, s := range suites {
+		if seen[s.id] {
+			t.Errorf("suite id %s used twice", s.id)
+		}
+		seen[s.id] = true
+	}
+}
