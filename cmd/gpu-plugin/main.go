@@ -38,6 +38,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return 0
 		case "inventory":
 			return report(stderr, runInventory(ctx, args[1:], getenv, stdout, stderr))
+		case "health":
+			return runHealth(ctx, args[1:], getenv, stdout, stderr)
 		case "config":
 			return report(stderr, runConfig(args[1:], getenv, stdout, stderr))
 		case "demo":

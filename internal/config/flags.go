@@ -384,6 +384,7 @@ func (c *Config) validateOptions(opts []Option) error {
 func PrintUsage(w io.Writer, name string) {
 	fmt.Fprintf(w, `Usage: %[1]s [flags]                 run the daemon
        %[1]s inventory [flags]       print the GPUs, MIG devices and topology (--help for more)
+       %[1]s health [--from URL]     ask the running daemon: one line per GPU, exit 0 all healthy, 1 not, 2 unknown
        %[1]s config check FILE       validate a config file and print the effective config
        %[1]s demo [--once] [flags]   run on a simulated node against a stand-in kubelet
        %[1]s --version

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -37,6 +38,7 @@ const (
 //	  recovery: after-quiet-period   # or never
 //	  quietPeriod: 1m         # how long a GPU must answer and stay clean to come back
 //	  probeInterval: 5s       # how often every GPU is probed with a cheap NVML call
+//	  quarantine: ["GPU-…", 3] # GPUs (UUID or index) or MIG devices (UUID) taken out by hand; applied live
 type Health struct {
 	SkipXIDs      []uint64 `json:"skipXIDs,omitempty"`
 	FatalXIDs     []uint64 `json:"fatalXIDs,omitempty"`
@@ -44,6 +46,12 @@ type Health struct {
 	Recovery      *string  `json:"recovery,omitempty"`
 	QuietPeriod   *string  `json:"quietPeriod,omitempty"`
 	ProbeInterval *string  `json:"probeInterval,omitempty"`
+	// Quarantine lists the GPUs (by UUID or index) and MIG devices (by
+	// UUID) an operator took out of service. It applies live on a reload,
+	// joined with QuarantineFlag.
+	Quarantine QuarantineList `json:"quarantine,omitempty"`
+	// QuarantineFlag is --health-quarantine (GPU_PLUGIN_HEALTH_QUARANTINE).
+	QuarantineFlag QuarantineList `json:"-"`
 
 	// Disable and Enable are DP_DISABLE_HEALTHCHECKS and
 	// DP_ENABLE_HEALTHCHECKS (environment or flag only, as NVIDIA's).
@@ -92,18 +100,23 @@ func ParseHealthCheckList(s string, allowXIDsWord bool) (HealthCheckList, error)
 // and bad values with the field's path.
 func (h *Health) UnmarshalJSON(b []byte) error {
 	var raw struct {
-		SkipXIDs      []uint64 `json:"skipXIDs"`
-		FatalXIDs     []uint64 `json:"fatalXIDs"`
-		DoubleBitECC  *bool    `json:"doubleBitECC"`
-		Recovery      *string  `json:"recovery"`
-		QuietPeriod   *string  `json:"quietPeriod"`
-		ProbeInterval *string  `json:"probeInterval"`
+		SkipXIDs      []uint64       `json:"skipXIDs"`
+		FatalXIDs     []uint64       `json:"fatalXIDs"`
+		DoubleBitECC  *bool          `json:"doubleBitECC"`
+		Recovery      *string        `json:"recovery"`
+		QuietPeriod   *string        `json:"quietPeriod"`
+		ProbeInterval *string        `json:"probeInterval"`
+		Quarantine    QuarantineList `json:"quarantine"`
 	}
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&raw); err != nil {
 		if f, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
-			return fmt.Errorf("health: unknown field %s: the section takes skipXIDs, fatalXIDs, doubleBitECC, recovery, quietPeriod, probeInterval", clip(f))
+			return fmt.Errorf("health: unknown field %s: the section takes skipXIDs, fatalXIDs, doubleBitECC, recovery, quietPeriod, probeInterval, quarantine", clip(f))
+		}
+		var qe quarantineError
+		if errors.As(err, &qe) {
+			return fmt.Errorf("health.quarantine: %w", err)
 		}
 		var te *json.UnmarshalTypeError
 		if errors.As(err, &te) {
@@ -132,9 +145,69 @@ func (h *Health) UnmarshalJSON(b []byte) error {
 	*h = Health{
 		SkipXIDs: raw.SkipXIDs, FatalXIDs: raw.FatalXIDs, DoubleBitECC: raw.DoubleBitECC,
 		Recovery: raw.Recovery, QuietPeriod: raw.QuietPeriod, ProbeInterval: raw.ProbeInterval,
-		Disable: h.Disable, Enable: h.Enable,
+		Quarantine: raw.Quarantine, QuarantineFlag: h.QuarantineFlag, Disable: h.Disable, Enable: h.Enable,
 	}
 	return nil
+}
+
+// QuarantineList is a list of quarantine entries: a GPU index (a
+// non-negative integer, in the file written as a number or a string), a GPU
+// UUID or a MIG device UUID.
+type QuarantineList []string
+
+type quarantineError struct{ msg string }
+
+func (e quarantineError) Error() string { return e.msg }
+
+// UnmarshalJSON reads the file's list, taking numbers and strings.
+func (l *QuarantineList) UnmarshalJSON(b []byte) error {
+	var raw []json.RawMessage
+	if err := json.Unmarshal(b, &raw); err != nil {
+		return quarantineError{"wrong type: want a list of GPU UUIDs or indexes, e.g. [\"GPU-…\", 3]"}
+	}
+	out := make(QuarantineList, 0, len(raw))
+	for i, r := range raw {
+		var n uint64
+		var s string
+		switch {
+		case json.Unmarshal(r, &n) == nil:
+			s = strconv.FormatUint(n, 10)
+		case json.Unmarshal(r, &s) == nil:
+			if err := checkQuarantineEntry(s); err != nil {
+				return quarantineError{fmt.Sprintf("entry %d: %v", i, err)}
+			}
+			s = strings.TrimSpace(s)
+		default:
+			return quarantineError{fmt.Sprintf("entry %d: %s is neither a GPU index nor a UUID string", i, clip(string(r)))}
+		}
+		out = append(out, s)
+	}
+	*l = out
+	return nil
+}
+
+func checkQuarantineEntry(s string) error {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return fmt.Errorf("empty entry: want a GPU UUID (GPU-…), a MIG device UUID (MIG-…) or a GPU index")
+	}
+	if strings.ContainsAny(s, " \t,") {
+		return fmt.Errorf("%s is not a GPU UUID or index (one GPU per entry)", quote(s))
+	}
+	return nil
+}
+
+// ParseQuarantineList parses --health-quarantine: comma-separated GPU
+// UUIDs, MIG device UUIDs and GPU indexes.
+func ParseQuarantineList(v string) (QuarantineList, error) {
+	var out QuarantineList
+	for _, tok := range splitList(v) {
+		if err := checkQuarantineEntry(tok); err != nil {
+			return nil, err
+		}
+		out = append(out, tok)
+	}
+	return out, nil
 }
 
 func healthFieldType(field string) string {
@@ -215,6 +288,16 @@ func healthOptions() []Option {
 				return nil
 			},
 			inFile: func(c *Config) bool { return c.Health.DoubleBitECC != nil }},
+		{Name: "health-quarantine", Env: []string{"GPU_PLUGIN_HEALTH_QUARANTINE"}, Group: GroupHealth,
+			Usage: "GPUs to take out of service by hand, comma-separated GPU UUIDs, MIG device UUIDs or GPU indexes: their devices are unhealthy with reason \"quarantined by operator\"; joined with the file's health.quarantine, which applies live on a reload",
+			set: func(c *Config, v string) error {
+				l, err := ParseQuarantineList(v)
+				if err != nil {
+					return err
+				}
+				c.Health.QuarantineFlag = l
+				return nil
+			}},
 		list("disable-healthchecks", "DP_DISABLE_HEALTHCHECKS",
 			"as NVIDIA's: XIDs to ignore, comma-separated; xids: ignore every XID; all: no health checks, except XIDs named in DP_ENABLE_HEALTHCHECKS",
 			true, func(c *Config) *HealthCheckList { return &c.Health.Disable }),
@@ -234,6 +317,9 @@ type HealthSettings struct {
 	Recovery      string
 	QuietPeriod   time.Duration
 	ProbeInterval time.Duration
+	// Quarantine is --health-quarantine and the file's health.quarantine
+	// together, without duplicates: GPU UUIDs, MIG UUIDs and GPU indexes.
+	Quarantine []string
 }
 
 // HealthSettings resolves the health options; unset values take their
@@ -244,6 +330,11 @@ func (c *Config) HealthSettings() (HealthSettings, error) {
 		SkipXIDs: h.SkipXIDs, FatalXIDs: h.FatalXIDs, Disable: h.Disable, Enable: h.Enable,
 		DoubleBitECC: h.DoubleBitECC == nil || *h.DoubleBitECC,
 		Recovery:     DefaultHealthRecovery, QuietPeriod: DefaultHealthQuietPeriod, ProbeInterval: DefaultHealthProbeInterval,
+	}
+	for _, q := range append(slices.Clone(h.QuarantineFlag), h.Quarantine...) {
+		if !slices.Contains(s.Quarantine, q) {
+			s.Quarantine = append(s.Quarantine, q)
+		}
 	}
 	var err error
 	if h.Recovery != nil {

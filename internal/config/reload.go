@@ -48,6 +48,9 @@ func (c *Config) RestartRequired(next *Config) []string {
 	diff("flags.nvidiaDriverRoot", c.Flags.NvidiaDriverRoot, next.Flags.NvidiaDriverRoot)
 	diff("flags.deviceDiscoveryStrategy", c.Flags.DeviceDiscoveryStrategy, next.Flags.DeviceDiscoveryStrategy)
 	diff("flags.plugin.containerDriverRoot", c.Plugin().ContainerDriverRoot, next.Plugin().ContainerDriverRoot)
-	diff("health", c.Health, next.Health)
+	// health.quarantine applies live (the daemon re-reads it on a reload).
+	ch, nh := c.Health, next.Health
+	ch.Quarantine, nh.Quarantine = nil, nil
+	diff("health", ch, nh)
 	return out
 }

@@ -40,11 +40,14 @@ type Daemon struct {
 	preferrer *plugin.TopologyPreferrer // placement over the current inventory's topology
 	health    *health.State
 	monitor   *health.Monitor // nil without NVML (health.go)
-	plugins   *plugin.Manager
-	http      *httpServer
-	rl        *reloader             // live config reloads, GPU re-scans, node labels (reload.go)
-	simRoot   string                // a simulated node's laid-out driver root (cdi.go)
-	adv       *advert.Advertisement // what the node publishes at start; the reloader owns it after
+	// quarantineWarnings are the quarantine entries' warnings last logged
+	// (applyQuarantine, health.go).
+	quarantineWarnings []string
+	plugins            *plugin.Manager
+	http               *httpServer
+	rl                 *reloader             // live config reloads, GPU re-scans, node labels (reload.go)
+	simRoot            string                // a simulated node's laid-out driver root (cdi.go)
+	adv                *advert.Advertisement // what the node publishes at start; the reloader owns it after
 
 	tel *telemetryParts // sampler, pod attribution, DCGM_* metrics (telemetry.go)
 }
@@ -98,6 +101,7 @@ func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 		d.Close()
 		return nil, err
 	}
+	d.applyQuarantine(cfg, d.inv.Load())
 	if err := d.newTelemetry(); err != nil {
 		d.Close()
 		return nil, err

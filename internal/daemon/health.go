@@ -1,13 +1,17 @@
 package daemon
 
 import (
+	"fmt"
 	"slices"
+	"strconv"
+	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
 	"github.com/gpu-plugin/gpu-plugin/internal/healthmetrics"
+	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
 )
 
@@ -76,4 +80,65 @@ func (d *Daemon) healthMonitorStatus() *health.MonitorStatus {
 	}
 	st := d.monitor.Status()
 	return &st
+}
+
+// applyQuarantine makes the health table's quarantine what cfg lists
+// (--health-quarantine and the file's health.quarantine), resolved against
+// inv: a GPU index or UUID quarantines the GPU (and with it every device it
+// backs), a MIG UUID that MIG device. An entry that matches nothing is
+// logged as a warning once per change of the set of such entries. It runs
+// in New and then only on the reloader's goroutine (after a config reload
+// or a re-scan that changed the GPUs).
+func (d *Daemon) applyQuarantine(cfg *config.Config, inv *nvml.Inventory) {
+	if inv == nil {
+		return
+	}
+	s, err := cfg.HealthSettings()
+	if err != nil {
+		return // validated when cfg was accepted
+	}
+	units, warnings := resolveQuarantine(inv, s.Quarantine)
+	if !slices.Equal(warnings, d.quarantineWarnings) {
+		for _, w := range warnings {
+			if !slices.Contains(d.quarantineWarnings, w) {
+				d.log.Warn("config setting accepted but not applied", "warning", w)
+			}
+		}
+		d.quarantineWarnings = warnings
+	}
+	d.health.Quarantine(units)
+}
+
+// resolveQuarantine maps quarantine entries onto health units (GPU and MIG
+// UUIDs as the inventory spells them), with a warning for each entry that
+// matches none.
+func resolveQuarantine(inv *nvml.Inventory, entries []string) (units, warnings []string) {
+	for _, e := range entries {
+		unit, why := "", "matches no GPU or MIG device on this node"
+		if n, err := strconv.Atoi(e); err == nil {
+			why = fmt.Sprintf("matches no GPU index on this node (%d GPUs)", len(inv.GPUs))
+			for _, g := range inv.GPUs {
+				if g.Index == n {
+					unit, why = g.UUID, "names a GPU that could not be identified (no UUID)"
+				}
+			}
+		} else {
+			for _, g := range inv.GPUs {
+				if g.UUID != "" && strings.EqualFold(g.UUID, e) {
+					unit = g.UUID
+				}
+				for _, m := range g.MIGDevices {
+					if m.UUID != "" && strings.EqualFold(m.UUID, e) {
+						unit = m.UUID
+					}
+				}
+			}
+		}
+		if unit == "" {
+			warnings = append(warnings, fmt.Sprintf("health.quarantine / --health-quarantine entry %q %s; nothing quarantined for it", e, why))
+			continue
+		}
+		units = append(units, unit)
+	}
+	return units, warnings
 }

@@ -332,6 +332,7 @@ func (r *reloader) reloadConfig(force bool) {
 		r.log.Warn("config reloaded, but these settings take effect only after a restart", "settings", restart)
 	}
 	r.live.Store(next)
+	r.d.applyQuarantine(next, r.adv.Inventory)
 	diff := r.publish(adv, next)
 	r.log.Info("config reloaded", "file", path, "added", diff.Added, "removed", diff.Removed, "changed", diff.Changed,
 		"allocateOptionsChanged", diff.Respond, "cdiSpecChanged", diff.CDI)
@@ -388,6 +389,7 @@ func (r *reloader) rescan() {
 		return
 	}
 	r.d.setInventory(inv)
+	r.d.applyQuarantine(r.config(), merged)
 	diff := r.publish(adv, r.config())
 	r.log.Info("GPU layout changed: re-advertising", "changes", layout, "added", diff.Added, "removed", diff.Removed, "changed", diff.Changed,
 		"cdiSpecChanged", diff.CDI)

@@ -534,10 +534,22 @@ func TestFailRequestsGreaterThanOne(t *testing.T) {
 
 	e.write(tsConfig) // live: the setting goes away
 	e.waitStatus("the reload", func(s ReloadStatus, _ uint64) bool { return s.Successes == 1 })
-	e.waitKubelet("the allocation to pass", func(*fakekubelet.Kubelet) bool {
+	// The plugin manager applies the new allocate options on its own
+	// goroutine after the reload counts, with nothing the kubelet sees:
+	// ask again until the deadline.
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
 		resp, err := e.k.Allocate(ctx, "nvidia.com/gpu", gpu0+"::0", gpu0+"::1")
-		return err == nil && resp.Envs["NVIDIA_VISIBLE_DEVICES"] == gpu0
-	})
+		if err == nil && resp.Envs["NVIDIA_VISIBLE_DEVICES"] == gpu0 {
+			break
+		}
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			t.Fatalf("a request of 2 after the setting went away: %v", err)
+		}
+	}
 }
 
 // TestStartRefusesDevicesMatchingNothing: a bad devices entry stops the
