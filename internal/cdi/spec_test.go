@@ -32,20 +32,7 @@ type fakeNode struct {
 
 func newFakeNode(t testing.TB, profile string) *fakeNode {
 	t.Helper()
-	p, err := sim.LoadProfile(profile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	node := sim.NewNode(p, nil)
-	lib, err := nvml.Open(node.NVML())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lib.Close() })
-	inv, err := nvml.Scan(lib, nvml.ScanOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	node, _, inv := testkit.SimNode(t, profile)
 	return &fakeNode{inv: inv, node: node, root: testkit.DriverRoot(t, inv)}
 }
 

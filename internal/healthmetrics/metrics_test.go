@@ -15,6 +15,7 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
 	"github.com/gpu-plugin/gpu-plugin/internal/sim"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 func TestCollectorDeviceHealth(t *testing.T) {
@@ -51,20 +52,7 @@ gpu_plugin_device_healthy{device="MIG-1",reason="XID 94 (contained ECC error) on
 // XIDs through its NVML event set, and reads the counters and the mode back
 // as metrics once the monitor has stopped.
 func TestCollectorMonitor(t *testing.T) {
-	p, err := sim.LoadProfile("dgx-h100")
-	if err != nil {
-		t.Fatal(err)
-	}
-	node := sim.NewNode(p, nil)
-	lib, err := nvml.Open(node.NVML())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lib.Close() })
-	inv, err := nvml.Scan(lib, nvml.ScanOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	node, lib, inv := testkit.SimNode(t, "dgx-h100")
 	state := health.NewState(nil, nil)
 	m := health.NewMonitor(health.MonitorOptions{
 		Lib: lib, Inventory: func() *nvml.Inventory { return inv }, State: state,
@@ -149,20 +137,7 @@ gpu_plugin_health_events_total 3
 // gate's hold of each GPU, as the monitor's last probe read them on a
 // simulated node.
 func TestCollectorRecoveryGate(t *testing.T) {
-	p, err := sim.LoadProfile("dgx-h100")
-	if err != nil {
-		t.Fatal(err)
-	}
-	node := sim.NewNode(p, nil)
-	lib, err := nvml.Open(node.NVML())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lib.Close() })
-	inv, err := nvml.Scan(lib, nvml.ScanOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	node, lib, inv := testkit.SimNode(t, "dgx-h100")
 	if err := node.SetRecoveryAction(3, 1); err != nil { // GPU_RECOVERY_ACTION_GPU_RESET
 		t.Fatal(err)
 	}
@@ -184,7 +159,7 @@ func TestCollectorRecoveryGate(t *testing.T) {
 	go func() { done <- m.Run(ctx) }()
 	wctx, wcancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer wcancel()
-	err = m.WaitFor(wctx, func(s health.MonitorStatus) bool { return s.ProbeRounds > 0 })
+	err := m.WaitFor(wctx, func(s health.MonitorStatus) bool { return s.ProbeRounds > 0 })
 	cancel()
 	<-done
 	if err != nil {

@@ -22,6 +22,15 @@ import (
 // file, or (when it holds a newline) a profile's YAML text.
 func Inventory(t testing.TB, profile string) *nvml.Inventory {
 	t.Helper()
+	_, _, inv := SimNode(t, profile)
+	return inv
+}
+
+// SimNode starts a simulated node (profile as for Inventory), opens the
+// guarded NVML library on it (closed at cleanup) and scans it: for tests
+// that also drive the node or use the library.
+func SimNode(t testing.TB, profile string) (*sim.Node, *nvml.Library, *nvml.Inventory) {
+	t.Helper()
 	var p *sim.Profile
 	var err error
 	if strings.Contains(profile, "\n") {
@@ -32,7 +41,8 @@ func Inventory(t testing.TB, profile string) *nvml.Inventory {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lib, err := nvml.Open(sim.NewNode(p, nil).NVML())
+	node := sim.NewNode(p, nil)
+	lib, err := nvml.Open(node.NVML())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,7 +51,7 @@ func Inventory(t testing.TB, profile string) *nvml.Inventory {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return inv
+	return node, lib, inv
 }
 
 // DriverRoot lays out a stand-in driver root for inv (internal/driverroot)
