@@ -183,8 +183,13 @@ func TestSocketDirComesBack(t *testing.T) {
 	e := startEnv(t, "pcie-l4x4", defaultRespond(), true)
 	e.waitAllocatable(t, 4, 4)
 	e.kubelet.Stop()
-	if err := os.RemoveAll(e.dir); err != nil {
-		t.Fatal(err)
+	// The manager may re-create its socket (it restarts servers whose
+	// socket is gone) between RemoveAll's listing and its rmdir: retry.
+	deadline := time.Now().Add(5 * time.Second)
+	for err := os.RemoveAll(e.dir); err != nil; err = os.RemoveAll(e.dir) {
+		if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
 	}
 	e.waitStatus(t, "the missing directory", func(s plugin.ResourceStatus) bool {
 		return !s.Registered && strings.Contains(s.LastRegisterError, "does not exist: is the kubelet running")
