@@ -41,6 +41,10 @@ type Kubelet struct {
 	changed  notify.Signal
 	closing  bool
 	streamWG sync.WaitGroup
+	// replyAfterList holds Register's reply until the plugin's first
+	// device list arrives, an order the real kubelet also shows (it
+	// starts ListAndWatch in a goroutine while Register returns).
+	replyAfterList bool
 }
 
 // Event is something the kubelet observed, with when.
@@ -174,7 +178,30 @@ func (k *Kubelet) Register(ctx context.Context, req *pluginapi.RegisterRequest) 
 	k.log.Debug("plugin registered", "resource", req.ResourceName, "endpoint", req.Endpoint)
 
 	go k.watch(sctx, p)
+	k.mu.Lock()
+	wait := k.replyAfterList
+	k.mu.Unlock()
+	if wait {
+		_ = k.WaitFor(octx, func(*Kubelet) bool { return k.streamUp(p) })
+	}
 	return &pluginapi.Empty{}, nil
+}
+
+// ReplyAfterFirstList makes Register answer only once the plugin's first
+// device list has arrived (or after 10 s), so the stream is open before
+// the plugin learns it is registered.
+func (k *Kubelet) ReplyAfterFirstList(on bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.replyAfterList = on
+}
+
+// streamUp reports whether p's stream has delivered a list and is open;
+// WaitFor conditions run without k.mu held.
+func (k *Kubelet) streamUp(p *plugin) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return p.streamUp
 }
 
 func (k *Kubelet) watch(ctx context.Context, p *plugin) {

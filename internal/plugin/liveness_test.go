@@ -246,3 +246,43 @@ func (e *env) waitLogCount(t testing.TB, line string, n int) {
 		}
 	}
 }
+
+// TestStreamDroppedAsRegistrationEnds drops the kubelet's stream the
+// moment the resource counts as registered, with the stream opened before
+// Register answers (an order the real kubelet shows): while the manager's
+// loop still handles the end of the attempt. The resource must count as
+// unregistered and register again. The real-kubelet suite once saw such a
+// drop go unnoticed for good (a wake-up lost between a check and the next
+// wait); this test exercises the path but did not reproduce that race.
+func TestStreamDroppedAsRegistrationEnds(t *testing.T) {
+	rounds := 20
+	if testing.Short() {
+		rounds = 5
+	}
+	for round := range rounds {
+		e := startEnv(t, "pcie-l4x4", defaultRespond(), false)
+		k, err := fakekubelet.Start(e.dir, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		k.ReplyAfterFirstList(true) // before the manager sees kubelet.sock
+		e.kubelet = k
+		ctx := waitCtx(t)
+		for st := e.mgr.Status(); len(st) != 1 || !st[0].Registered || st[0].Streams == 0; st = e.mgr.Status() {
+			if ctx.Err() != nil {
+				t.Fatalf("round %d: never registered:\n%s", round, e.logs)
+			}
+			time.Sleep(20 * time.Microsecond)
+		}
+		if err := e.kubelet.DropStream(gpuResource); err != nil {
+			t.Fatal(err)
+		}
+		e.waitStatus(t, fmt.Sprintf("round %d: unregistered after the drop", round),
+			func(s plugin.ResourceStatus) bool { return !s.Registered || s.Registrations > 1 })
+		e.waitAllocatable(t, 4, 4)
+		e.waitStatus(t, fmt.Sprintf("round %d: registered again", round),
+			func(s plugin.ResourceStatus) bool { return s.Registered && s.Registrations > 1 })
+		e.stop()
+		k.Stop()
+	}
+}

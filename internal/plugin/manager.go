@@ -176,7 +176,14 @@ func (m *Manager) Run(ctx context.Context, resources []*sharing.Resource) error 
 	streamCheck := time.NewTimer(time.Hour)
 	streamCheck.Stop()
 	defer streamCheck.Stop()
+	// The wake-up channel is taken again just before each check reads the
+	// streams, whichever case ran it: a stream that ends after that read
+	// closes the new channel. Taking it only at the top of the loop lost
+	// such an end when the check ran from another case (attemptDone) after
+	// an earlier notify had already closed the channel held.
+	streamed := m.streamed.C()
 	checkStreams := func() {
+		streamed = m.streamed.C()
 		if next := m.checkStreams(time.Now(), r); !next.IsZero() {
 			streamCheck.Reset(time.Until(next))
 		}
@@ -189,7 +196,6 @@ func (m *Manager) Run(ctx context.Context, resources []*sharing.Resource) error 
 	var regCause string                            // the registration failure last logged
 
 	for {
-		streamed := m.streamed.C()
 		select {
 		case <-ctx.Done():
 			return nil
