@@ -166,6 +166,7 @@ type Daemon struct {
 	CDIFeatureFlags []string      `json:"cdiFeatureFlags,omitempty"`
 	CDIDisableHooks []string      `json:"cdiDisableHooks,omitempty"`
 	NodeName        string        `json:"nodeName"`
+	Kubeconfig      string        `json:"kubeconfig,omitempty"`
 	MetricsAddress  string        `json:"metricsAddress"`
 	LogFormat       string        `json:"logFormat"`
 	Verbosity       int           `json:"verbosity"`

@@ -71,6 +71,9 @@ func daemonOptions() []Option {
 		{Name: "node-name", Env: []string{"NODE_NAME"}, Group: GroupDaemon,
 			Usage: "name of this node (label values, logs); default: the host name",
 			set:   func(c *Config, v string) error { c.Daemon.NodeName = v; return nil }},
+		{Name: "kubeconfig", Env: []string{"KUBECONFIG"}, Group: GroupDaemon,
+			Usage: "kubeconfig file for the API server, used only by --node-health-condition; empty: the pod's service account (in-cluster)",
+			set:   func(c *Config, v string) error { c.Daemon.Kubeconfig = v; return nil }},
 		{Name: "metrics-address", Env: []string{"GPU_PLUGIN_METRICS_ADDRESS"}, Default: ":9400", Group: GroupDaemon,
 			Usage: "listen address for /metrics, /healthz and /readyz (and /sim with --simulate); empty disables",
 			set:   func(c *Config, v string) error { c.Daemon.MetricsAddress = v; return nil }},
@@ -366,6 +369,9 @@ func (c *Config) validateOptions(opts []Option) error {
 		if err := check(o, vals); err != nil {
 			return err
 		}
+	}
+	if c.Health.NodeTaint && !c.Health.NodeCondition {
+		return fmt.Errorf("node-health-taint: needs --node-health-condition (GPU_PLUGIN_NODE_HEALTH_CONDITION=true): the taint is written with the condition, under the same permissions")
 	}
 	// NVIDIA's plugin accepts only [] or [0].
 	for i, ch := range c.IMEX.ChannelIDs {

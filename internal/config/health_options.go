@@ -53,6 +53,13 @@ type Health struct {
 	// QuarantineFlag is --health-quarantine (GPU_PLUGIN_HEALTH_QUARANTINE).
 	QuarantineFlag QuarantineList `json:"-"`
 
+	// NodeCondition publishes the node's GPU health to the API server (a
+	// node condition and Events); NodeTaint adds a NoSchedule taint while
+	// no GPU is healthy. Flag and environment only: they need RBAC that
+	// the install grants with them.
+	NodeCondition bool `json:"-"`
+	NodeTaint     bool `json:"-"`
+
 	// Disable and Enable are DP_DISABLE_HEALTHCHECKS and
 	// DP_ENABLE_HEALTHCHECKS (environment or flag only, as NVIDIA's).
 	Disable HealthCheckList `json:"-"`
@@ -267,6 +274,17 @@ func healthOptions() []Option {
 				return nil
 			}}
 	}
+	boolean := func(name, env, usage string, field func(c *Config) *bool) Option {
+		return Option{Name: name, Env: []string{env}, Default: "false", Usage: usage, Group: GroupHealth, Bool: true,
+			set: func(c *Config, v string) error {
+				b, err := strconv.ParseBool(v)
+				if err != nil {
+					return fmt.Errorf("want true or false")
+				}
+				*field(c) = b
+				return nil
+			}}
+	}
 	return []Option{
 		str("health-recovery", "GPU_PLUGIN_HEALTH_RECOVERY", DefaultHealthRecovery,
 			"when an unhealthy GPU returns to service: after-quiet-period (it answers NVML again, has no fatal event for --health-quiet-period, the driver's recovery action reads none and no row remap is pending or failed) or never (until the daemon restarts); file: health.recovery",
@@ -298,6 +316,12 @@ func healthOptions() []Option {
 				c.Health.QuarantineFlag = l
 				return nil
 			}},
+		boolean("node-health-condition", "GPU_PLUGIN_NODE_HEALTH_CONDITION",
+			"publish GPU health to the API server: a GPUHealthy condition on this node (False with the sick GPUs and why) and an Event on the node for each GPU that turns unhealthy or healthy again; needs get and status patch on its own node and event create (the chart's nodeHealth.condition grants them)",
+			func(c *Config) *bool { return &c.Health.NodeCondition }),
+		boolean("node-health-taint", "GPU_PLUGIN_NODE_HEALTH_TAINT",
+			"with --node-health-condition: taint the node gpu-plugin.io/no-healthy-gpu:NoSchedule while no GPU of the node can be allocated, and remove the taint when one recovers (also at start when this is off)",
+			func(c *Config) *bool { return &c.Health.NodeTaint }),
 		list("disable-healthchecks", "DP_DISABLE_HEALTHCHECKS",
 			"as NVIDIA's: XIDs to ignore, comma-separated; xids: ignore every XID; all: no health checks, except XIDs named in DP_ENABLE_HEALTHCHECKS",
 			true, func(c *Config) *HealthCheckList { return &c.Health.Disable }),

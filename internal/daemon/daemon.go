@@ -20,6 +20,7 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/advert"
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
+	"github.com/gpu-plugin/gpu-plugin/internal/nodehealth"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/plugin"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
@@ -50,6 +51,9 @@ type Daemon struct {
 	adv                *advert.Advertisement // what the node publishes at start; the reloader owns it after
 
 	tel *telemetryParts // sampler, pod attribution, DCGM_* metrics (telemetry.go)
+	// nodeHealth publishes GPU health to the API server; nil unless
+	// --node-health-condition (nodehealth.go).
+	nodeHealth *nodehealth.Publisher
 }
 
 // New opens NVML (or the simulated node), scans the inventory and builds
@@ -112,6 +116,10 @@ func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 			d.Close()
 			return nil, err
 		}
+	}
+	if d.nodeHealth, err = d.newNodeHealth(); err != nil {
+		d.Close()
+		return nil, err
 	}
 	d.plugins = plugin.NewManager(d.pluginOptions())
 	return d, nil
@@ -256,6 +264,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	if d.monitor != nil {
 		run("health monitor", d.monitor.Run)
+	}
+	if d.nodeHealth != nil {
+		run("node health publisher", d.nodeHealth.Run)
 	}
 	d.runTelemetry(run)
 	if d.lib != nil {

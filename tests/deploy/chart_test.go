@@ -15,6 +15,7 @@ import (
 	"helm.sh/helm/v3/pkg/lint/support"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	"sigs.k8s.io/yaml"
 
@@ -86,6 +87,47 @@ func TestChartRenders(t *testing.T) {
 						t.Errorf("the example config's migStrategy = %q, want none", got)
 					}
 				})
+			},
+		},
+		{
+			name:   "node health",
+			values: "nodeHealth: {condition: true, taint: true}",
+			policy: policy{apiAccess: true},
+			kinds: []string{"ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Service", "DaemonSet",
+				"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"},
+			check: func(t *testing.T, r *Rendered, objs []Object, ds *appsv1.DaemonSet) {
+				c := ds.Spec.Template.Spec.Containers[0]
+				for _, name := range []string{"GPU_PLUGIN_NODE_HEALTH_CONDITION", "GPU_PLUGIN_NODE_HEALTH_TAINT"} {
+					if v, _ := env(c, name); v != "true" {
+						t.Errorf("%s=%q, want true", name, v)
+					}
+				}
+				if a := ds.Spec.Template.Spec.AutomountServiceAccountToken; a == nil || !*a {
+					t.Error("the pod does not mount its service account token: the daemon cannot reach the API server")
+				}
+				cr := objectOf[*rbacv1.ClusterRole](t, objs)
+				want := map[string][]string{"nodes": {"get", "update"}, "nodes/status": {"patch"}, "events": {"create", "patch"}}
+				got := map[string][]string{}
+				for _, rule := range cr.Rules {
+					if len(rule.APIGroups) != 1 || rule.APIGroups[0] != "" {
+						t.Errorf("rule %+v reaches beyond the core API group", rule)
+					}
+					for _, res := range rule.Resources {
+						got[res] = append(got[res], rule.Verbs...)
+					}
+				}
+				if !reflect.DeepEqual(got, want) {
+					t.Errorf("ClusterRole grants %v, want exactly %v", got, want)
+				}
+				crb := objectOf[*rbacv1.ClusterRoleBinding](t, objs)
+				if len(crb.Subjects) != 1 || crb.Subjects[0].Name != ds.Spec.Template.Spec.ServiceAccountName || crb.RoleRef.Name != cr.Name {
+					t.Errorf("ClusterRoleBinding %+v does not bind the pod's service account to %s", crb, cr.Name)
+				}
+				vap := r.Find("ValidatingAdmissionPolicy")
+				if vap == nil || !strings.Contains(vap.Content, "authentication.kubernetes.io/node-name") ||
+					!strings.Contains(vap.Content, "system:serviceaccount:"+ReleaseNamespace+":"+crb.Subjects[0].Name) {
+					t.Errorf("the ValidatingAdmissionPolicy does not tie the service account's writes to its node: %v", vap)
+				}
 			},
 		},
 		{
@@ -325,7 +367,7 @@ dashboard: {enabled: true, namespace: monitoring}
 			checkService(t, objectOf[*corev1.Service](t, objs), ds, p.metricsPort)
 			checkNotes(t, r.Notes)
 			for _, o := range objs {
-				if o.Meta.Namespace == "" {
+				if o.Meta.Namespace == "" && !clusterScoped[o.Doc.Kind] {
 					t.Errorf("%s %s has no namespace", o.Doc.Kind, o.Doc.Name)
 				}
 			}
@@ -334,6 +376,12 @@ dashboard: {enabled: true, namespace: monitoring}
 			}
 		})
 	}
+}
+
+// clusterScoped are the kinds the chart renders without a namespace.
+var clusterScoped = map[string]bool{
+	"ClusterRole": true, "ClusterRoleBinding": true,
+	"ValidatingAdmissionPolicy": true, "ValidatingAdmissionPolicyBinding": true,
 }
 
 // TestChartRejectsContradictoryValues: each mistake fails the render with a
@@ -348,6 +396,7 @@ func TestChartRejectsContradictoryValues(t *testing.T) {
 		{"basic auth in the web config without basicAuth", "webConfig: {config: \"basic_auth_users: {}\"}", "webConfig.basicAuth"},
 		{"tls without a web config", "webConfig: {tls: true}", "webConfig.config"},
 		{"two web configs", "webConfig: {config: \"x: 1\", existingSecret: s}", "webConfig.existingSecret"},
+		{"node health taint without the condition", "nodeHealth: {taint: true}", "nodeHealth.condition"},
 		{"misspelt top-level value", "nodeSelecter: {a: b}", "nodeSelecter"},
 		{"wrong type", "metrics: {port: \"9400\"}", "port"},
 	} {

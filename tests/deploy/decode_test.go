@@ -9,9 +9,11 @@ import (
 	"testing"
 
 	monv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
+	admissionv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
@@ -45,6 +47,18 @@ func newTyped(apiVersion, kind string) (any, *metav1.ObjectMeta, error) {
 		return o, &o.ObjectMeta, nil
 	case "autoscaling/v2/HorizontalPodAutoscaler":
 		o := &autoscalingv2.HorizontalPodAutoscaler{}
+		return o, &o.ObjectMeta, nil
+	case "rbac.authorization.k8s.io/v1/ClusterRole":
+		o := &rbacv1.ClusterRole{}
+		return o, &o.ObjectMeta, nil
+	case "rbac.authorization.k8s.io/v1/ClusterRoleBinding":
+		o := &rbacv1.ClusterRoleBinding{}
+		return o, &o.ObjectMeta, nil
+	case "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy":
+		o := &admissionv1.ValidatingAdmissionPolicy{}
+		return o, &o.ObjectMeta, nil
+	case "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicyBinding":
+		o := &admissionv1.ValidatingAdmissionPolicyBinding{}
 		return o, &o.ObjectMeta, nil
 	case "monitoring.coreos.com/v1/ServiceMonitor":
 		o := &monv1.ServiceMonitor{}

@@ -87,6 +87,7 @@ type policy struct {
 	basicAuth    bool
 	tls          bool
 	allowedCaps  []string // capabilities the container may add
+	apiAccess    bool     // nodeHealth.condition: the pod mounts its token
 	rawDaemonSet string   // the rendered YAML, for the comment checks
 }
 
@@ -117,8 +118,8 @@ func checkDaemonSetPolicy(t *testing.T, ds *appsv1.DaemonSet, p policy) {
 	if spec.HostNetwork || spec.HostPID || spec.HostIPC {
 		t.Errorf("hostNetwork/hostPID/hostIPC = %v/%v/%v, want all false", spec.HostNetwork, spec.HostPID, spec.HostIPC)
 	}
-	if spec.AutomountServiceAccountToken == nil || *spec.AutomountServiceAccountToken {
-		t.Error("automountServiceAccountToken must be false: the daemon never calls the API server")
+	if !p.apiAccess && (spec.AutomountServiceAccountToken == nil || *spec.AutomountServiceAccountToken) {
+		t.Error("automountServiceAccountToken must be false: the daemon never calls the API server unless nodeHealth.condition is set")
 	}
 	sel, err := metav1LabelSelector(ds)
 	if err != nil || !sel.Matches(labels.Set(ds.Spec.Template.Labels)) {

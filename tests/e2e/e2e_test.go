@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -40,12 +41,20 @@ const (
 // installValues are the chart values the suite installs with: all of them
 // are values a user sets. --simulate runs the daemon on a simulated node,
 // as `make demo` does; --health-quiet-period shortens the wait before a
-// GPU that had an XID is healthy again (default 1m).
+// GPU that had an XID is healthy again (default 1m). nodeHealth publishes
+// GPU health to the API server (scenario 5). This node runs no kube-proxy,
+// so the pod reaches the API server at the node's address rather than the
+// kubernetes Service's: a cluster with kube-proxy needs no extraEnv.
 func installValues(image string) map[string]any {
 	repo, tag, _ := strings.Cut(image, ":")
 	return map[string]any{
-		"image":     map[string]any{"repository": repo, "tag": tag},
-		"extraArgs": []any{"--simulate=" + simProfile, "--health-quiet-period=10s"},
+		"image":      map[string]any{"repository": repo, "tag": tag},
+		"extraArgs":  []any{"--simulate=" + simProfile, "--health-quiet-period=10s"},
+		"nodeHealth": map[string]any{"condition": true, "taint": true},
+		"extraEnv": []any{
+			map[string]any{"name": "KUBERNETES_SERVICE_HOST", "value": nodeIP},
+			map[string]any{"name": "KUBERNETES_SERVICE_PORT", "value": apiPort},
+		},
 	}
 }
 
@@ -494,6 +503,13 @@ func (s *suite) health(t *testing.T) {
 	s.timed("5 XID 79 → node allocatable 7 (status period 10s)", d)
 	t.Logf("XID 79 on GPU %d (%s, the GPU pod's): allocatable 7 after %s", gpu, uuids[gpu], d.Round(time.Millisecond))
 	s.gpuPodUndisturbed(t)
+	// nodeHealth.condition: the condition (set when the XID was handled, so
+	// usually before the kubelet's status update) and the Event.
+	s.waitCondition(t, "False naming the GPU", func(c *corev1.NodeCondition) bool {
+		return c.Status == corev1.ConditionFalse && strings.Contains(c.Message, uuids[gpu]) && strings.Contains(c.Message, "1 of 8")
+	})
+	s.timed("5 XID 79 → GPUHealthy=False in the API server", time.Since(t0))
+	s.waitNodeEvent(t, corev1.EventTypeWarning, "GPUUnhealthy", uuids[gpu])
 
 	t1 := time.Now()
 	s.n.waitNode(t, "allocatable nvidia.com/gpu=8 after recovery", 180*time.Second, func(nd *corev1.Node) bool {
@@ -502,6 +518,11 @@ func (s *suite) health(t *testing.T) {
 	})
 	s.timed("5 recovery (quiet period 10s) → allocatable 8", time.Since(t1))
 	s.gpuPodUndisturbed(t)
+	s.waitCondition(t, "True after recovery", func(c *corev1.NodeCondition) bool { return c.Status == corev1.ConditionTrue })
+	s.waitNodeEvent(t, corev1.EventTypeNormal, "GPUHealthy", uuids[gpu])
+
+	s.xidStorm(t)
+	s.ownNodeOnly(t)
 }
 
 // devicePluginSockets lists the sockets in the kubelet's device-plugins directory.
@@ -589,10 +610,15 @@ func (s *suite) uninstall(t *testing.T) {
 		cms, err3 := c.CoreV1().ConfigMaps(releaseNS).List(ctx, sel)
 		sas, err4 := c.CoreV1().ServiceAccounts(releaseNS).List(ctx, sel)
 		svcs, err5 := c.CoreV1().Services(releaseNS).List(ctx, sel)
-		if err1 != nil || err2 != nil || err3 != nil || err4 != nil || err5 != nil {
+		crs, err6 := c.RbacV1().ClusterRoles().List(ctx, sel)
+		crbs, err7 := c.RbacV1().ClusterRoleBindings().List(ctx, sel)
+		vaps, err8 := c.AdmissionregistrationV1().ValidatingAdmissionPolicies().List(ctx, sel)
+		vapbs, err9 := c.AdmissionregistrationV1().ValidatingAdmissionPolicyBindings().List(ctx, sel)
+		if err := errors.Join(err1, err2, err3, err4, err5, err6, err7, err8, err9); err != nil {
 			return false, nil
 		}
-		return len(ds.Items)+len(pods.Items)+len(cms.Items)+len(sas.Items)+len(svcs.Items) == 0, nil
+		return len(ds.Items)+len(pods.Items)+len(cms.Items)+len(sas.Items)+len(svcs.Items)+
+			len(crs.Items)+len(crbs.Items)+len(vaps.Items)+len(vapbs.Items) == 0, nil
 	})
 	if err != nil {
 		t.Fatalf("objects of the release remain after helm uninstall: %v", err)

@@ -124,6 +124,9 @@ httpGet:
 {{- if and (contains "basic_auth_users" .Values.webConfig.config) (not .Values.webConfig.basicAuth) }}
 {{- fail "webConfig.config has basic_auth_users: set webConfig.basicAuth=true so that the probes stop asking for /healthz without a password" }}
 {{- end }}
+{{- if and .Values.nodeHealth.taint (not .Values.nodeHealth.condition) }}
+{{- fail "nodeHealth.taint needs nodeHealth.condition=true: the taint is written with the condition, under the same permissions" }}
+{{- end }}
 {{- if and (or .Values.webConfig.tls .Values.webConfig.basicAuth) (not (include "gpu-plugin.webConfigEnabled" .)) }}
 {{- fail "webConfig.tls or webConfig.basicAuth is set without a web config: set webConfig.config or webConfig.existingSecret" }}
 {{- end }}

@@ -1,0 +1,57 @@
+package daemon
+
+import (
+	"fmt"
+	"os"
+
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/gpu-plugin/gpu-plugin/internal/nodehealth"
+)
+
+// newNodeHealth builds the publisher of the node's GPU health to the API
+// server when --node-health-condition is on (nil otherwise). The default
+// install never talks to the API server.
+func (d *Daemon) newNodeHealth() (*nodehealth.Publisher, error) {
+	if !d.cfg.Health.NodeCondition {
+		return nil, nil
+	}
+	rc, err := apiServerConfig(d.cfg.Daemon.Kubeconfig)
+	if err != nil {
+		return nil, fmt.Errorf("--node-health-condition: %w", err)
+	}
+	rc.UserAgent = "gpu-plugin"
+	client, err := nodehealth.NewClient(rc)
+	if err != nil {
+		return nil, fmt.Errorf("--node-health-condition: %w", err)
+	}
+	return nodehealth.New(nodehealth.Options{
+		NodeName: d.cfg.Daemon.NodeName, Client: client, Health: d.health, Inventory: d.inv.Load,
+		Taint: d.cfg.Health.NodeTaint, Logger: d.log.With("component", "node-health"),
+	})
+}
+
+// apiServerConfig reads kubeconfig, or the pod's service account when it
+// is empty.
+func apiServerConfig(kubeconfig string) (*rest.Config, error) {
+	if kubeconfig != "" {
+		rc, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+		if err != nil {
+			return nil, fmt.Errorf("reading --kubeconfig %s: %w", kubeconfig, err)
+		}
+		// The daemon never runs another program.
+		if rc.ExecProvider != nil || rc.AuthProvider != nil {
+			return nil, fmt.Errorf("--kubeconfig %s: its user authenticates through a credential plugin, which the daemon does not run: use a token or client certificate", kubeconfig)
+		}
+		return rc, nil
+	}
+	rc, err := rest.InClusterConfig()
+	if err != nil {
+		if os.Getenv("KUBERNETES_SERVICE_HOST") == "" {
+			return nil, fmt.Errorf("no API server: not running in a pod (KUBERNETES_SERVICE_HOST is unset) and no --kubeconfig given")
+		}
+		return nil, fmt.Errorf("the pod's service account: %w (the chart mounts its token when nodeHealth.condition is true)", err)
+	}
+	return rc, nil
+}
