@@ -82,6 +82,11 @@ k8s_ldflags="$k8s_ldflags -X k8s.io/component-base/version.gitMinor=$(echo "$k8s
 # Vet the suite; cmd/e2e-node is a dispatcher whose vet would analyse all of Kubernetes.
 "${nice_cmd[@]}" go vet .
 phase "e2e-node built, go vet"
+# Prometheus for scenario 4, from the Go module pinned in prometheus/go.mod: Debian's is built
+# without kubernetes_sd, which README's scrape job uses. Cold ~10 min on 2 cores.
+(cd prometheus && "${nice_cmd[@]}" go build -o "$cache/bin/prometheus" github.com/prometheus/prometheus/cmd/prometheus)
+export E2E_PROMETHEUS="$cache/bin/prometheus"
+phase "prometheus (module $(sed -n 's/^require github.com\/prometheus\/prometheus //p' prometheus/go.mod)) built"
 
 # 2. The project image, from the Dockerfile, by buildah.
 # shellcheck source=tests/e2e/image.sh

@@ -19,8 +19,11 @@
 // TestNode runs issue 18's scenarios in order on one node, each asserted
 // and timed (the timings are printed at the end): 1 install, 2 GPU pods
 // and quota, 3 time-slicing through the chart's ConfigMap, 4 Prometheus with
-// README's scrape job (skipped where Prometheus lacks kubernetes_sd),
-// 5 health (XID 79 through the simulated node's /sim API), 6 kubelet and
+// README's scrape job (a Prometheus built from the module in prometheus/,
+// since Debian's lacks kubernetes_sd), 5 health (XID 79 through the
+// simulated node's /sim API; the GPUHealthy condition, Events, the taint
+// under a 1,000-XID storm and the service account's limits in
+// nodehealth_test.go), 6 kubelet and
 // plugin pod restarts, 7 uninstall; then 8, the second install path on the
 // same node (static_test.go): deployments/static/gpu-plugin.yaml created
 // object by object through the dynamic client, with the image and

@@ -495,6 +495,12 @@ func (s *suite) health(t *testing.T) {
 	gpu := slices.Index(uuids, s.gpuUUIDs[0])
 	t0 := time.Now()
 	s.pluginDo(t, http.MethodPost, fmt.Sprintf("/sim/gpus/%d/xid?code=79", gpu))
+	// nodeHealth.condition: the condition comes from the daemon, not from
+	// the kubelet's status update, so it usually shows first.
+	s.waitCondition(t, "False naming the GPU", func(c *corev1.NodeCondition) bool {
+		return c.Status == corev1.ConditionFalse && strings.Contains(c.Message, uuids[gpu]) && strings.Contains(c.Message, "1 of 8")
+	})
+	s.timed("5 XID 79 → GPUHealthy=False in the API server", time.Since(t0))
 	s.n.waitNode(t, "allocatable nvidia.com/gpu=7", 120*time.Second, func(nd *corev1.Node) bool {
 		_, al := gpus(nd)
 		return al == nodeGPUs-1
@@ -503,12 +509,6 @@ func (s *suite) health(t *testing.T) {
 	s.timed("5 XID 79 → node allocatable 7 (status period 10s)", d)
 	t.Logf("XID 79 on GPU %d (%s, the GPU pod's): allocatable 7 after %s", gpu, uuids[gpu], d.Round(time.Millisecond))
 	s.gpuPodUndisturbed(t)
-	// nodeHealth.condition: the condition (set when the XID was handled, so
-	// usually before the kubelet's status update) and the Event.
-	s.waitCondition(t, "False naming the GPU", func(c *corev1.NodeCondition) bool {
-		return c.Status == corev1.ConditionFalse && strings.Contains(c.Message, uuids[gpu]) && strings.Contains(c.Message, "1 of 8")
-	})
-	s.timed("5 XID 79 → GPUHealthy=False in the API server", time.Since(t0))
 	s.waitNodeEvent(t, corev1.EventTypeWarning, "GPUUnhealthy", uuids[gpu])
 
 	t1 := time.Now()
@@ -672,15 +672,23 @@ func readmeScrapeJob(t *testing.T) string {
 	return rest[:j]
 }
 
-// prometheus: a real Prometheus (Debian's) with README's scrape job,
-// finding the plugin through kubernetes_sd against the real API server as
-// an in-cluster Prometheus does (the service-account files and
+// prometheus: a real Prometheus with README's scrape job, finding the
+// plugin through kubernetes_sd against the real API server as an
+// in-cluster Prometheus does (the service-account files and
 // KUBERNETES_SERVICE_* it reads are made here), scrapes it, and the GPU
-// pod's devices carry its pod, namespace and container.
+// pod's devices carry its pod, namespace and container. The server is
+// E2E_PROMETHEUS (scripts/test-e2e.sh builds it from the Prometheus
+// module), else the one on PATH.
 func (s *suite) prometheus(t *testing.T) {
-	bin, err := exec.LookPath("prometheus")
-	if err != nil {
-		t.Skip("SKIP scenario 4: no prometheus binary (Debian package prometheus)")
+	bin := os.Getenv("E2E_PROMETHEUS")
+	if bin == "" {
+		var err error
+		if bin, err = exec.LookPath("prometheus"); err != nil {
+			t.Skip("SKIP scenario 4: no prometheus binary (E2E_PROMETHEUS, or the Debian package prometheus)")
+		}
+	}
+	if out, err := exec.Command(bin, "--version").CombinedOutput(); err == nil {
+		t.Logf("Prometheus %s: %s", bin, strings.SplitN(string(out), "\n", 2)[0])
 	}
 	n := s.n
 	sa := "/var/run/secrets/kubernetes.io/serviceaccount" // under the namespace's private /run
@@ -701,7 +709,7 @@ func (s *suite) prometheus(t *testing.T) {
 	write(t, filepath.Join(dir, "prometheus.yml"), "global:\n  scrape_interval: 2s\n  scrape_timeout: 2s\n"+readmeScrapeJob(t))
 	// Debian builds Prometheus without some service discoveries (2.42 in
 	// bookworm has no kubernetes_sd); promtool, from the same package, says so.
-	if promtool, err := exec.LookPath("promtool"); err == nil {
+	if promtool, err := exec.LookPath("promtool"); err == nil && os.Getenv("E2E_PROMETHEUS") == "" {
 		out, err := exec.Command(promtool, "check", "config", filepath.Join(dir, "prometheus.yml")).CombinedOutput()
 		if err != nil && strings.Contains(string(out), "kubernetes_sd_configs not found") {
 			t.Skipf("SKIP scenario 4: this machine's Prometheus (%s, Debian's) is built without kubernetes_sd, which README's scrape job uses (promtool: field kubernetes_sd_configs not found)", bin)

@@ -29,7 +29,8 @@ standin_rootfs() {
 	if [ ! -f "$dir/.complete" ]; then
 		rm -rf "$dir.tmp"
 		mkdir -p "$cache/rootfs"
-		echo "e2e: debootstrap bookworm (minbase + gcc, libc6-dev, ca-certificates) into $dir"
+		# stdout is the directory (callers capture it): messages go to stderr.
+		echo "e2e: debootstrap bookworm (minbase + gcc, libc6-dev, ca-certificates) into $dir" >&2
 		if ! "${nice_cmd[@]}" debootstrap --variant=minbase --include=gcc,libc6-dev,ca-certificates \
 			bookworm "$dir.tmp" http://deb.debian.org/debian >"$cache/rootfs/debootstrap.log" 2>&1; then
 			tail -5 "$cache/rootfs/debootstrap.log" >&2
@@ -58,16 +59,16 @@ standin_images() {
 	if ! bah inspect --type image "$build_base" >/dev/null 2>&1; then
 		rootfs=$(standin_rootfs) || return 1
 		goroot=$(go env GOROOT)
-		ctr=$(bah from --pull=never scratch)
-		bah add "$ctr" "$rootfs" / >/dev/null
-		bah add "$ctr" "$goroot" /usr/local/go >/dev/null
+		ctr=$(bah from --pull=never scratch) || return 1
+		bah add "$ctr" "$rootfs" / >/dev/null || return 1
+		bah add "$ctr" "$goroot" /usr/local/go >/dev/null || return 1
 		# This machine's CA bundle, so that `go mod download` trusts what this machine trusts
 		# (an egress proxy's CA, for one).
-		bah add "$ctr" /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt >/dev/null
+		bah add "$ctr" /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt >/dev/null || return 1
 		bah config --env PATH=/go/bin:/usr/local/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
 			--env GOPATH=/go --env GOLANG_VERSION="${host_go#go}" --workingdir /go \
-			--label org.opencontainers.image.description="tests/e2e stand-in for $build_base" "$ctr"
-		bah commit -q --rm "$ctr" "$build_base" >/dev/null
+			--label org.opencontainers.image.description="tests/e2e stand-in for $build_base" "$ctr" || return 1
+		bah commit -q --rm "$ctr" "$build_base" >/dev/null || return 1
 		echo "e2e: stand-in $build_base committed"
 	fi
 	if ! bah inspect --type image "$runtime_base" >/dev/null 2>&1; then
@@ -91,10 +92,10 @@ standin_images() {
 			} | tar -c --no-recursion -T - | tar -x -C "$stage"
 		) || return 1
 		mkdir -p "$stage/tmp" && chmod 1777 "$stage/tmp"
-		ctr=$(bah from --pull=never scratch)
-		bah add "$ctr" "$stage" / >/dev/null
-		bah config --label org.opencontainers.image.description="tests/e2e stand-in for $runtime_base" "$ctr"
-		bah commit -q --rm "$ctr" "$runtime_base" >/dev/null
+		ctr=$(bah from --pull=never scratch) || return 1
+		bah add "$ctr" "$stage" / >/dev/null || return 1
+		bah config --label org.opencontainers.image.description="tests/e2e stand-in for $runtime_base" "$ctr" || return 1
+		bah commit -q --rm "$ctr" "$runtime_base" >/dev/null || return 1
 		rm -rf "$stage"
 		echo "e2e: stand-in $runtime_base committed"
 	fi
