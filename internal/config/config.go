@@ -163,17 +163,22 @@ type Daemon struct {
 	SkipRegistration bool   `json:"skipRegistration,omitempty"`
 	// CDIFeatureFlags and CDIDisableHooks are NVIDIA's --cdi-feature-flags
 	// and --cdi-disable-hooks: accepted, for the CDI spec generator.
-	CDIFeatureFlags []string      `json:"cdiFeatureFlags,omitempty"`
-	CDIDisableHooks []string      `json:"cdiDisableHooks,omitempty"`
-	NodeName        string        `json:"nodeName"`
-	Kubeconfig      string        `json:"kubeconfig,omitempty"`
-	MetricsAddress  string        `json:"metricsAddress"`
-	LogFormat       string        `json:"logFormat"`
-	Verbosity       int           `json:"verbosity"`
-	SysRoot         string        `json:"sysRoot"`
-	CDISpecDir      string        `json:"cdiSpecDir"`
-	WebConfigFile   string        `json:"webConfigFile"`
-	RescanInterval  time.Duration `json:"rescanInterval"`
+	CDIFeatureFlags []string `json:"cdiFeatureFlags,omitempty"`
+	CDIDisableHooks []string `json:"cdiDisableHooks,omitempty"`
+	NodeName        string   `json:"nodeName"`
+	Kubeconfig      string   `json:"kubeconfig,omitempty"`
+	// ConfigDir holds named config files; the node's ConfigLabel label
+	// picks one (DefaultConfig without it). See Select.
+	ConfigDir      string        `json:"configDir,omitempty"`
+	ConfigLabel    string        `json:"configLabel,omitempty"`
+	DefaultConfig  string        `json:"defaultConfig,omitempty"`
+	MetricsAddress string        `json:"metricsAddress"`
+	LogFormat      string        `json:"logFormat"`
+	Verbosity      int           `json:"verbosity"`
+	SysRoot        string        `json:"sysRoot"`
+	CDISpecDir     string        `json:"cdiSpecDir"`
+	WebConfigFile  string        `json:"webConfigFile"`
+	RescanInterval time.Duration `json:"rescanInterval"`
 	// NodeLabels turns the GFD-compatible node labels file on; LabelsFile is
 	// where it is written (sharing_options.go).
 	NodeLabels bool   `json:"nodeLabels"`

@@ -59,6 +59,15 @@ func daemonOptions() []Option {
 		{Name: "config", Aliases: []string{"config-file"}, Env: []string{"GPU_PLUGIN_CONFIG", "CONFIG_FILE"}, Group: GroupDaemon,
 			Usage: "config file (YAML or JSON, NVIDIA's `version: v1` format); empty: flags and environment only",
 			set:   func(c *Config, v string) error { c.Daemon.ConfigFile = v; return nil }},
+		{Name: "config-dir", Env: []string{"GPU_PLUGIN_CONFIG_DIR"}, Group: GroupDaemon,
+			Usage: "a directory of named config files (the chart's config.map): this node's file is the one named by its --config-label label, applied live when the label changes; instead of --config; needs get, list and watch on nodes",
+			set:   func(c *Config, v string) error { c.Daemon.ConfigDir = v; return nil }},
+		{Name: "config-label", Env: []string{"GPU_PLUGIN_CONFIG_LABEL", "NODE_LABEL"}, Default: "nvidia.com/device-plugin.config", Group: GroupDaemon,
+			Usage: "with --config-dir: the node label that names this node's config file (NVIDIA's config-manager label)",
+			set:   func(c *Config, v string) error { c.Daemon.ConfigLabel = v; return nil }},
+		{Name: "default-config", Env: []string{"GPU_PLUGIN_DEFAULT_CONFIG", "DEFAULT_CONFIG"}, Group: GroupDaemon,
+			Usage: "with --config-dir: the config file for a node without the label; empty: the only file in the directory if there is one, else no file (defaults), as NVIDIA's config-manager",
+			set:   func(c *Config, v string) error { c.Daemon.DefaultConfig = v; return nil }},
 		{Name: "simulate", Env: []string{"GPU_PLUGIN_SIMULATE"}, Group: GroupDaemon,
 			Usage: "run on a simulated node instead of NVML: a built-in profile name or a profile file (see `gpu-plugin inventory --help`)",
 			set:   func(c *Config, v string) error { c.Daemon.Simulate = v; return nil }},
@@ -234,6 +243,11 @@ var ErrHelp = flag.ErrHelp
 // config file if one is named, then applies flag > environment > file >
 // default to every option. Usage goes to out on --help or a bad flag.
 func Load(name string, args []string, getenv func(string) string, out io.Writer) (*Config, []string, error) {
+	return load(&origin{name: name, args: slices.Clone(args), getenv: getenv, base: getenv}, out)
+}
+
+func load(o *origin, out io.Writer) (*Config, []string, error) {
+	name, args, getenv := o.name, o.args, o.getenv
 	opts := Options()
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
@@ -261,6 +275,16 @@ func Load(name string, args []string, getenv func(string) string, out io.Writer)
 		path = raws[0].value
 	} else if v, _, ok := fromEnv(opts[0], getenv); ok {
 		path = v
+	}
+	if path != "" && !o.selected {
+		for i, opt := range opts {
+			if opt.Name != "config-dir" {
+				continue
+			}
+			if _, _, inEnv := fromEnv(opt, getenv); onCommandLine[raws[i]] || inEnv {
+				return nil, nil, fmt.Errorf("config-dir: --config-dir and --config are both set: with --config-dir the node label picks the file; drop --config (CONFIG_FILE)")
+			}
+		}
 	}
 	if path != "" {
 		fileCfg, err := ReadFile(path)
@@ -317,7 +341,7 @@ func Load(name string, args []string, getenv func(string) string, out io.Writer)
 	if err := c.applyNVIDIASemantics(); err != nil {
 		return nil, nil, err
 	}
-	c.origin = &origin{name: name, args: slices.Clone(args), getenv: getenv}
+	c.origin = o
 	return c, fs.Args(), nil
 }
 

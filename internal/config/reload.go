@@ -10,7 +10,10 @@ import (
 type origin struct {
 	name   string
 	args   []string
-	getenv func(string) string
+	getenv func(string) string // what Load reads: base, with the selected file for a Select
+	base   func(string) string // the process environment as Load was given it
+	// selected: the config file comes from --config-dir (Select).
+	selected bool
 }
 
 // ErrNotReloadable is returned by Reload for a Config that Load did not
@@ -24,7 +27,31 @@ func (c *Config) Reload() (*Config, error) {
 	if c.origin == nil {
 		return nil, ErrNotReloadable
 	}
-	n, _, err := Load(c.origin.name, c.origin.args, c.origin.getenv, io.Discard)
+	n, _, err := load(c.origin, io.Discard)
+	return n, err
+}
+
+// Select resolves the configuration again with file, one of --config-dir's
+// files as the node label picks it ("": none, flags and defaults only),
+// as the config file. Later Reloads re-read that file. The receiver is
+// not changed.
+func (c *Config) Select(file string) (*Config, error) {
+	if c.origin == nil {
+		return nil, ErrNotReloadable
+	}
+	o := *c.origin
+	o.selected = true
+	base := o.base
+	o.getenv = func(k string) string {
+		switch k {
+		case "GPU_PLUGIN_CONFIG":
+			return file
+		case "CONFIG_FILE":
+			return ""
+		}
+		return base(k)
+	}
+	n, _, err := load(&o, io.Discard)
 	return n, err
 }
 

@@ -20,6 +20,7 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/advert"
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
+	"github.com/gpu-plugin/gpu-plugin/internal/kube"
 	"github.com/gpu-plugin/gpu-plugin/internal/nodehealth"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/plugin"
@@ -54,6 +55,11 @@ type Daemon struct {
 	// nodeHealth publishes GPU health to the API server; nil unless
 	// --node-health-condition (nodehealth.go).
 	nodeHealth *nodehealth.Publisher
+	// kube is the API client, nil unless an opt-in feature needs it
+	// (--node-health-condition, --config-dir); events records Events
+	// about the node for --config-dir, stopped by Close.
+	kube       *kube.Client
+	stopEvents func()
 }
 
 // New opens NVML (or the simulated node), scans the inventory and builds
@@ -62,7 +68,21 @@ type Daemon struct {
 // registers nothing.
 func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 	d := &Daemon{cfg: cfg, log: log, started: time.Now(), health: health.NewState(log.With("component", "health"), nil)}
+	if err := d.newKubeClient(); err != nil {
+		return nil, err
+	}
+	var start *nodeConfigStart
+	if cfg.Daemon.ConfigDir != "" {
+		var err error
+		if start, err = d.selectStartConfig(); err != nil {
+			return nil, err
+		}
+		cfg = d.cfg
+	}
 	d.rl = newReloader(d)
+	if start != nil {
+		d.rl.startNodeConfig(start)
+	}
 	d.preferrer = plugin.NewTopologyPreferrer(log.With("component", "placement"))
 	iface, err := d.openInterface()
 	if err != nil {
@@ -268,6 +288,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if d.nodeHealth != nil {
 		run("node health publisher", d.nodeHealth.Run)
 	}
+	if d.cfg.Daemon.ConfigDir != "" && d.lib != nil {
+		run("node config label watch", d.watchConfigLabel)
+	}
 	d.runTelemetry(run)
 	if d.lib != nil {
 		run("config reload and GPU re-scan", func(ctx context.Context) error { return d.rl.run(ctx, d.adv) })
@@ -286,6 +309,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 func (d *Daemon) Close() error {
 	if d.simRoot != "" {
 		os.RemoveAll(d.simRoot)
+	}
+	if d.stopEvents != nil {
+		d.stopEvents()
 	}
 	if d.http != nil {
 		d.http.lis.Close()

@@ -7,6 +7,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/gpu-plugin/gpu-plugin/internal/kube"
 	"github.com/gpu-plugin/gpu-plugin/internal/nodehealth"
 )
 
@@ -17,19 +18,32 @@ func (d *Daemon) newNodeHealth() (*nodehealth.Publisher, error) {
 	if !d.cfg.Health.NodeCondition {
 		return nil, nil
 	}
-	rc, err := apiServerConfig(d.cfg.Daemon.Kubeconfig)
-	if err != nil {
-		return nil, fmt.Errorf("--node-health-condition: %w", err)
-	}
-	rc.UserAgent = "gpu-plugin"
-	client, err := nodehealth.NewClient(rc)
-	if err != nil {
-		return nil, fmt.Errorf("--node-health-condition: %w", err)
-	}
 	return nodehealth.New(nodehealth.Options{
-		NodeName: d.cfg.Daemon.NodeName, Client: client, Health: d.health, Inventory: d.inv.Load,
+		NodeName: d.cfg.Daemon.NodeName, Client: d.kube, Health: d.health, Inventory: d.inv.Load,
 		Taint: d.cfg.Health.NodeTaint, Logger: d.log.With("component", "node-health"),
 	})
+}
+
+// newKubeClient makes the API client when an opt-in feature needs one.
+func (d *Daemon) newKubeClient() error {
+	var needs string
+	switch {
+	case d.cfg.Health.NodeCondition:
+		needs = "--node-health-condition"
+	case d.cfg.Daemon.ConfigDir != "":
+		needs = "--config-dir"
+	default:
+		return nil
+	}
+	rc, err := apiServerConfig(d.cfg.Daemon.Kubeconfig)
+	if err != nil {
+		return fmt.Errorf("%s: %w", needs, err)
+	}
+	rc.UserAgent = "gpu-plugin"
+	if d.kube, err = kube.NewClient(rc); err != nil {
+		return fmt.Errorf("%s: %w", needs, err)
+	}
+	return nil
 }
 
 // apiServerConfig reads kubeconfig, or the pod's service account when it
@@ -51,7 +65,7 @@ func apiServerConfig(kubeconfig string) (*rest.Config, error) {
 		if os.Getenv("KUBERNETES_SERVICE_HOST") == "" {
 			return nil, fmt.Errorf("no API server: not running in a pod (KUBERNETES_SERVICE_HOST is unset) and no --kubeconfig given")
 		}
-		return nil, fmt.Errorf("the pod's service account: %w (the chart mounts its token when nodeHealth.condition is true)", err)
+		return nil, fmt.Errorf("the pod's service account: %w (the chart mounts its token with nodeHealth.condition or config.map)", err)
 	}
 	return rc, nil
 }

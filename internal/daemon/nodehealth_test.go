@@ -38,6 +38,18 @@ current-context: c
 		{"missing kubeconfig", []string{"--kubeconfig=" + filepath.Join(dir, "absent")}, "reading --kubeconfig " + filepath.Join(dir, "absent")},
 		{"credential plugin", []string{"--kubeconfig=" + execUser}, "credential plugin, which the daemon does not run"},
 	}
+	// --config-dir reads the node's label the same way.
+	t.Run("per-node configs outside a pod", func(t *testing.T) {
+		d, err := daemon.New(loadConfig(t, socketDir(t), "--simulate=pcie-l4x4", "--node-labels=false", "--pod-resources-socket=", "--config-dir="+dir),
+			slog.New(slog.DiscardHandler))
+		if err == nil {
+			d.Close()
+			t.Fatal("New succeeded")
+		}
+		if !strings.Contains(err.Error(), "--config-dir: no API server") {
+			t.Errorf("error %q, want one naming --config-dir and the missing API server", err)
+		}
+	})
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			args := append([]string{"--simulate=pcie-l4x4", "--node-labels=false", "--pod-resources-socket=", "--node-health-condition"}, tt.args...)
@@ -50,6 +62,13 @@ current-context: c
 				t.Errorf("error %q, want one naming --node-health-condition and %q", err, tt.want)
 			}
 		})
+	}
+}
+
+func TestConfigDirExcludesConfig(t *testing.T) {
+	_, _, err := config.Load("gpu-plugin", []string{"--config-dir=/x", "--config=/y"}, func(string) string { return "" }, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "drop --config") {
+		t.Fatalf("--config-dir with --config: %v, want an error saying which to drop", err)
 	}
 }
 

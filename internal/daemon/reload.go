@@ -42,6 +42,7 @@ type reloader struct {
 
 	live     atomic.Pointer[config.Config] // the configuration in force
 	requests chan struct{}                 // Reload: SIGHUP
+	labels   chan nodeLabel                // the node's config label (--config-dir), latest only
 	debounce time.Duration
 	ws       *watchState // nil when the config file is not watched
 
@@ -50,6 +51,8 @@ type reloader struct {
 	lastSum   [32]byte              // the config file content last acted on
 	rescanErr string                // the last re-scan problem logged, to log each once
 	labelErr  string                // the last labels problem logged
+	node      nodeConfigState       // --config-dir (nodeconfig.go)
+	lastLabel *nodeLabel            // the config label's last value seen
 
 	stats   reloadStats
 	changed notify.Signal // a reload, re-scan or labels write finished
@@ -65,6 +68,9 @@ type reloadStats struct {
 	rescanSeconds          float64
 	labelWrites            map[string]uint64 // by result
 	unchangedChecks        uint64            // config file checks that found nothing new (for tests)
+	// --config-dir: the config in force, how it was chosen, and a label
+	// value naming no file ("" when none).
+	nodeConfig, nodeConfigBy, unknownLabel string
 }
 
 // ReloadStatus is what the live-change machinery has done so far.
@@ -79,7 +85,7 @@ type ReloadStatus struct {
 func newReloader(d *Daemon) *reloader {
 	r := &reloader{
 		d: d, log: d.log.With("component", "reload"),
-		requests: make(chan struct{}, 1), debounce: defaultReloadDebounce,
+		requests: make(chan struct{}, 1), labels: make(chan nodeLabel, 1), debounce: defaultReloadDebounce,
 	}
 	r.stats.lastOK = true
 	r.stats.rescans = map[string]uint64{}
@@ -217,6 +223,9 @@ func (r *reloader) run(ctx context.Context, adv *advert.Advertisement) error {
 		case <-monitorRescan:
 			monitorRescan = r.d.monitor.Rescan()
 			r.rescan()
+		case l := <-r.labels:
+			r.lastLabel = &l
+			r.selectConfig(l)
 		}
 	}
 }
@@ -234,7 +243,7 @@ type watchState struct {
 // target's), so both an in-place edit and a ConfigMap update (which swaps
 // the "..data" symlink) are seen.
 func (r *reloader) watch() (<-chan fsnotify.Event, <-chan error, func()) {
-	path := r.d.cfg.Daemon.ConfigFile
+	path := r.watchedFile()
 	if path == "" || !r.d.cfg.Daemon.WatchConfig {
 		return nil, nil, func() {}
 	}
@@ -255,7 +264,7 @@ func (r *reloader) rewatch() {
 	if ws == nil {
 		return
 	}
-	path, _ := filepath.Abs(r.d.cfg.Daemon.ConfigFile)
+	path, _ := filepath.Abs(r.watchedFile())
 	want := map[string]bool{filepath.Dir(path): true}
 	names := map[string]bool{filepath.Base(path): true, "..data": true}
 	if target, err := filepath.EvalSymlinks(path); err == nil && target != path {
@@ -280,6 +289,16 @@ func (r *reloader) rewatch() {
 	ws.names = names
 }
 
+// watchedFile is the config file in force; with --config-dir and no file
+// chosen, the directory's ..data link, which a ConfigMap update swaps.
+func (r *reloader) watchedFile() string {
+	c := r.config().Daemon
+	if c.ConfigFile == "" && c.ConfigDir != "" {
+		return filepath.Join(c.ConfigDir, "..data")
+	}
+	return c.ConfigFile
+}
+
 func (r *reloader) relevant(ev fsnotify.Event) bool {
 	return r.ws != nil && (r.ws.names[filepath.Base(ev.Name)] || r.ws.dirs[ev.Name])
 }
@@ -287,7 +306,11 @@ func (r *reloader) relevant(ev fsnotify.Event) bool {
 // reloadConfig re-reads the config file. force reloads even if the content
 // is unchanged (SIGHUP). A rejected config is logged once per content.
 func (r *reloader) reloadConfig(force bool) {
-	path := r.d.cfg.Daemon.ConfigFile
+	if r.lastLabel != nil {
+		// A ConfigMap update may add (or remove) the file the label names.
+		r.selectConfig(*r.lastLabel)
+	}
+	path := r.config().Daemon.ConfigFile
 	if path == "" {
 		return
 	}
@@ -310,8 +333,14 @@ func (r *reloader) reloadConfig(force bool) {
 		r.reloadFailed(path, errors.New("the config file is empty (truncated, or still being written); to reset every setting to its default, write \"version: v1\""))
 		return
 	}
+	next, err := r.config().Reload()
+	r.apply(next, err, path, nil)
+}
+
+// apply puts next (or the error making it) in force: the advertisement,
+// quarantine and labels follow. onApplied runs once it is in force.
+func (r *reloader) apply(next *config.Config, err error, path string, onApplied func()) {
 	cur := r.config()
-	next, err := cur.Reload()
 	if err == nil {
 		r.lastSum = next.FileSum() // what was applied, should the file have changed again meanwhile
 	}
@@ -336,6 +365,9 @@ func (r *reloader) reloadConfig(force bool) {
 	diff := r.publish(adv, next)
 	r.log.Info("config reloaded", "file", path, "added", diff.Added, "removed", diff.Removed, "changed", diff.Changed,
 		"allocateOptionsChanged", diff.Respond, "cdiSpecChanged", diff.CDI)
+	if onApplied != nil {
+		onApplied()
+	}
 	r.stats.mu.Lock()
 	r.stats.reloadOK++
 	r.stats.lastOK = true
@@ -541,7 +573,12 @@ var (
 		"Writes of the node labels file by result.", []string{"result"}, nil)
 	descConfigWarnings = prometheus.NewDesc("gpu_plugin_config_warnings",
 		"Warnings the config in force gives: unknown keys, keys written twice, settings ignored as NVIDIA's plugin ignores them; each is logged and listed by `gpu-plugin config check`.", nil, nil)
-	reloadDescs = []*prometheus.Desc{descReloads, descLastReloadOK, descLastReloadTime, descRescans, descRescanSeconds, descLabelWrites, descConfigWarnings}
+	descNodeConfig = prometheus.NewDesc("gpu_plugin_node_config_info",
+		"With --config-dir: 1 for the config file in force, chosen by the node label (by: label, default, only-file, none).", []string{"config", "by"}, nil)
+	descUnknownLabel = prometheus.NewDesc("gpu_plugin_node_config_unknown_label",
+		"With --config-dir: 1 while the node label names no config file (the previous configuration stays in force), else 0.", nil, nil)
+	reloadDescs = []*prometheus.Desc{descReloads, descLastReloadOK, descLastReloadTime, descRescans, descRescanSeconds, descLabelWrites, descConfigWarnings,
+		descNodeConfig, descUnknownLabel}
 )
 
 // Collect implements prometheus.Collector from the counters.
@@ -569,4 +606,12 @@ func (r *reloader) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descLabelWrites, prometheus.CounterValue, float64(s.labelWrites[res]), res)
 	}
 	ch <- prometheus.MustNewConstMetric(descConfigWarnings, prometheus.GaugeValue, float64(len(r.config().Warnings())))
+	if s.nodeConfigBy != "" {
+		ch <- prometheus.MustNewConstMetric(descNodeConfig, prometheus.GaugeValue, 1, s.nodeConfig, s.nodeConfigBy)
+		unknown := 0.0
+		if s.unknownLabel != "" {
+			unknown = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descUnknownLabel, prometheus.GaugeValue, unknown)
+	}
 }

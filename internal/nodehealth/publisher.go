@@ -12,12 +12,12 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/client-go/util/retry"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
+	"github.com/gpu-plugin/gpu-plugin/internal/kube"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 )
 
@@ -25,7 +25,7 @@ import (
 // are required.
 type Options struct {
 	NodeName  string
-	Client    *Client
+	Client    *kube.Client
 	Health    *health.State
 	Inventory func() *nvml.Inventory
 	// Taint sets TaintKey (NoSchedule) while no GPU is healthy. Off, a
@@ -60,10 +60,9 @@ type Status struct {
 
 // Publisher writes the node's GPU health to the API server.
 type Publisher struct {
-	opts   Options
-	log    *slog.Logger
-	ref    *corev1.ObjectReference
-	scheme *runtime.Scheme // core/v1 only: what the recorder refers to
+	opts Options
+	log  *slog.Logger
+	ref  *corev1.ObjectReference
 
 	mu     sync.Mutex
 	status Status
@@ -93,14 +92,9 @@ func New(opts Options) (*Publisher, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	sch, err := newScheme()
-	if err != nil {
-		return nil, fmt.Errorf("node health: %w", err)
-	}
 	return &Publisher{
-		opts:   opts,
-		scheme: sch,
-		log:    opts.Logger,
+		opts: opts,
+		log:  opts.Logger,
 		// As the kubelet names its Node in Events: kubectl describe node
 		// finds them by this UID.
 		ref: &corev1.ObjectReference{Kind: "Node", APIVersion: "v1", Name: opts.NodeName, UID: types.UID(opts.NodeName)},
@@ -124,8 +118,8 @@ func (p *Publisher) Run(ctx context.Context) error {
 		BurstSize: p.opts.EventBurst, QPS: float32(1 / p.opts.EventInterval.Seconds()),
 	}))
 	defer b.Shutdown()
-	b.StartRecordingToSink(eventSink{c: p.opts.Client, ctx: ctx})
-	rec := b.NewRecorder(p.scheme, corev1.EventSource{Component: "gpu-plugin", Host: p.opts.NodeName})
+	b.StartRecordingToSink(p.opts.Client.EventSink(ctx))
+	rec := b.NewRecorder(p.opts.Client.Scheme(), corev1.EventSource{Component: "gpu-plugin", Host: p.opts.NodeName})
 
 	timer := time.NewTimer(0) // the first round at once
 	defer timer.Stop()

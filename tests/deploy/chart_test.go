@@ -3,6 +3,7 @@ package deploy
 import (
 	"bytes"
 	"encoding/json"
+	"maps"
 	"path/filepath"
 	"reflect"
 	"slices"
@@ -127,6 +128,46 @@ func TestChartRenders(t *testing.T) {
 				if vap == nil || !strings.Contains(vap.Content, "authentication.kubernetes.io/node-name") ||
 					!strings.Contains(vap.Content, "system:serviceaccount:"+ReleaseNamespace+":"+crb.Subjects[0].Name) {
 					t.Errorf("the ValidatingAdmissionPolicy does not tie the service account's writes to its node: %v", vap)
+				}
+			},
+		},
+		{
+			name: "per-node configs",
+			values: `
+config:
+  map:
+    whole: "version: v1\n"
+    shared: "version: v1\nsharing: {timeSlicing: {resources: [{name: nvidia.com/gpu, replicas: 4}]}}\n"
+  default: whole
+`,
+			policy: policy{apiAccess: true},
+			kinds: []string{"ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Service", "DaemonSet",
+				"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"},
+			check: func(t *testing.T, _ *Rendered, objs []Object, ds *appsv1.DaemonSet) {
+				c := ds.Spec.Template.Spec.Containers[0]
+				if !slices.Contains(c.Args, "--config-dir=/etc/gpu-plugin/config") || slices.ContainsFunc(c.Args, func(a string) bool { return strings.HasPrefix(a, "--config=") }) {
+					t.Errorf("args %v: want --config-dir and no --config", c.Args)
+				}
+				if v, _ := env(c, "GPU_PLUGIN_DEFAULT_CONFIG"); v != "whole" {
+					t.Errorf("GPU_PLUGIN_DEFAULT_CONFIG=%q, want whole", v)
+				}
+				cm := objectOf[*corev1.ConfigMap](t, objs)
+				if len(cm.Data) != 2 {
+					t.Fatalf("ConfigMap keys %v, want whole and shared", slices.Sorted(maps.Keys(cm.Data)))
+				}
+				if c, err := config.Parse([]byte(cm.Data["shared"])); err != nil || c.Sharing.TimeSlicing == nil || len(c.Sharing.TimeSlicing.Resources) != 1 {
+					t.Errorf("the shared config does not parse with its time-slicing: %v\n%s", err, cm.Data["shared"])
+				}
+				cr := objectOf[*rbacv1.ClusterRole](t, objs)
+				got := map[string][]string{}
+				for _, rule := range cr.Rules {
+					for _, res := range rule.Resources {
+						got[res] = append(got[res], rule.Verbs...)
+					}
+				}
+				want := map[string][]string{"nodes": {"get", "list", "watch"}, "events": {"create", "patch"}}
+				if !reflect.DeepEqual(got, want) {
+					t.Errorf("ClusterRole grants %v, want exactly %v (no status patch without nodeHealth)", got, want)
 				}
 			},
 		},
@@ -397,6 +438,9 @@ func TestChartRejectsContradictoryValues(t *testing.T) {
 		{"tls without a web config", "webConfig: {tls: true}", "webConfig.config"},
 		{"two web configs", "webConfig: {config: \"x: 1\", existingSecret: s}", "webConfig.existingSecret"},
 		{"node health taint without the condition", "nodeHealth: {taint: true}", "nodeHealth.condition"},
+		{"per-node configs with an existing ConfigMap", "config: {existingConfigMap: x, map: {a: \"version: v1\"}}", "config.existingConfigMap"},
+		{"per-node configs with sharing", "config: {map: {a: \"version: v1\"}}\nsharing: {timeSlicing: {resources: [{name: nvidia.com/gpu, replicas: 2}]}}", "sharing"},
+		{"a default that is not in the map", "config: {map: {a: \"version: v1\"}, default: b}", "config.default"},
 		{"misspelt top-level value", "nodeSelecter: {a: b}", "nodeSelecter"},
 		{"wrong type", "metrics: {port: \"9400\"}", "port"},
 	} {

@@ -103,6 +103,7 @@ func TestNode(t *testing.T) {
 		{"1-install", s.install},
 		{"2-gpu-pod", s.gpuPodScenario},
 		{"3-time-slicing", s.timeSlicing},
+		{"3b-per-node-config", s.perNodeConfig},
 		{"4-prometheus", s.prometheus},
 		{"5-health", s.health},
 		{"6-restarts", s.restarts},

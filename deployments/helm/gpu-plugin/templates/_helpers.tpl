@@ -124,6 +124,15 @@ httpGet:
 {{- if and (contains "basic_auth_users" .Values.webConfig.config) (not .Values.webConfig.basicAuth) }}
 {{- fail "webConfig.config has basic_auth_users: set webConfig.basicAuth=true so that the probes stop asking for /healthz without a password" }}
 {{- end }}
+{{- if and .Values.config.map .Values.config.existingConfigMap }}
+{{- fail "config.map and config.existingConfigMap are both set: keep one (for per-node configs in your own ConfigMap, pass --config-dir in extraArgs)" }}
+{{- end }}
+{{- if and .Values.config.map .Values.sharing }}
+{{- fail "sharing is set with config.map: put a sharing section into the named configs that need it" }}
+{{- end }}
+{{- if and .Values.config.default (not (hasKey .Values.config.map .Values.config.default)) }}
+{{- fail (printf "config.default %q is not a key of config.map" .Values.config.default) }}
+{{- end }}
 {{- if and .Values.nodeHealth.taint (not .Values.nodeHealth.condition) }}
 {{- fail "nodeHealth.taint needs nodeHealth.condition=true: the taint is written with the condition, under the same permissions" }}
 {{- end }}

@@ -1,26 +1,36 @@
-package nodehealth
+// Package kube is the daemon's little API-server client: its own Node
+// (read, watch, status patch, update) and Events about it. It speaks
+// core/v1 alone: client-go's typed clients register every API group and
+// more than double the binary. Only opt-in features use it
+// (--node-health-condition, --config-dir); the default daemon never calls
+// the API server.
+package kube
 
 import (
 	"context"
 	"fmt"
+	"log/slog"
+
+	"github.com/go-logr/logr"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
 )
 
-// Client is the little of the core/v1 API the publisher uses: its own
-// Node, and Events. It is a REST client over core/v1 alone: client-go's
-// typed clients register every API group and more than double the
-// binary.
+// Client is a REST client over core/v1.
 type Client struct {
-	rc *rest.RESTClient
+	rc     *rest.RESTClient
+	scheme *runtime.Scheme
 }
 
-// scheme knows core/v1 and the meta types the API server answers with.
+// newScheme knows core/v1 and the meta types the API server answers with.
 func newScheme() (*runtime.Scheme, error) {
 	s := runtime.NewScheme()
 	if err := corev1.AddToScheme(s); err != nil {
@@ -47,7 +57,7 @@ func NewClient(rc *rest.Config) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("API client: %w", err)
 	}
-	return &Client{rc: c}, nil
+	return &Client{rc: c, scheme: s}, nil
 }
 
 // GetNode reads a Node.
@@ -68,8 +78,13 @@ func (c *Client) UpdateNode(ctx context.Context, n *corev1.Node) error {
 	return c.rc.Put().Resource("nodes").Name(n.Name).Body(n).Do(ctx).Error()
 }
 
-// eventSink is client-go's record.EventSink over the Client: what the
-// event broadcaster writes through.
+// Scheme is core/v1's, for an event recorder.
+func (c *Client) Scheme() *runtime.Scheme { return c.scheme }
+
+// EventSink is client-go's record.EventSink over the Client: what an event
+// broadcaster writes through, with ctx for every request.
+func (c *Client) EventSink(ctx context.Context) record.EventSink { return eventSink{c: c, ctx: ctx} }
+
 type eventSink struct {
 	c   *Client
 	ctx context.Context
@@ -91,4 +106,30 @@ func (s eventSink) Patch(e *corev1.Event, data []byte) (*corev1.Event, error) {
 	out := &corev1.Event{}
 	err := s.c.rc.Patch(types.StrategicMergePatchType).Namespace(e.Namespace).Resource("events").Name(e.Name).Body(data).Do(s.ctx).Into(out)
 	return out, err
+}
+
+// WatchNode calls onChange with the Node named name when first listed and
+// after every change, until ctx ends. client-go's informer lists, watches
+// and re-lists after a broken watch by itself; only this one Node is asked
+// for (a field selector), though RBAC cannot confine list and watch to it.
+// The informer's own messages (a broken watch) go to log.
+func (c *Client) WatchNode(ctx context.Context, name string, log *slog.Logger, onChange func(*corev1.Node)) {
+	lw := cache.NewListWatchFromClient(c.rc, "nodes", metav1.NamespaceAll, fields.OneTermEqualSelector("metadata.name", name))
+	logger := logr.FromSlogHandler(log.Handler())
+	_, informer := cache.NewInformerWithOptions(cache.InformerOptions{
+		Logger:        &logger,
+		ListerWatcher: lw,
+		ObjectType:    &corev1.Node{},
+		Handler: cache.ResourceEventHandlerFuncs{
+			AddFunc:    func(obj any) { notifyNode(obj, onChange) },
+			UpdateFunc: func(_, obj any) { notifyNode(obj, onChange) },
+		},
+	})
+	informer.RunWithContext(ctx)
+}
+
+func notifyNode(obj any, onChange func(*corev1.Node)) {
+	if n, ok := obj.(*corev1.Node); ok {
+		onChange(n)
+	}
 }
