@@ -167,6 +167,8 @@ type Daemon struct {
 	CDIDisableHooks []string `json:"cdiDisableHooks,omitempty"`
 	NodeName        string   `json:"nodeName"`
 	Kubeconfig      string   `json:"kubeconfig,omitempty"`
+	PodNamespace    string   `json:"podNamespace,omitempty"`
+	PodName         string   `json:"podName,omitempty"`
 	// ConfigDir holds named config files; the node's ConfigLabel label
 	// picks one (DefaultConfig without it). See Select.
 	ConfigDir      string        `json:"configDir,omitempty"`

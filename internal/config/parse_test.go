@@ -52,7 +52,7 @@ func TestNVIDIAExamplesParseUnchanged(t *testing.T) {
 			want(t, "7g replicas", c.Sharing.TimeSlicing.Resources[3].Replicas, 7)
 		}},
 		{file: "gfd-flags.yaml", warnings: []string{
-			"flags.useNodeFeatureAPI", "flags.gfd.oneshot", "flags.gfd.sleepInterval", "flags.gfd.outputFile",
+			"flags.gfd.oneshot", "flags.gfd.sleepInterval", "flags.gfd.outputFile",
 		}, check: func(t *testing.T, c *Config) {
 			// noTimestamp and machineTypeFile shape the node labels (internal/labels).
 			want(t, "noTimestamp", *c.Flags.GFD.NoTimestamp, false)

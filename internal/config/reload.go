@@ -75,9 +75,17 @@ func (c *Config) RestartRequired(next *Config) []string {
 	diff("flags.nvidiaDriverRoot", c.Flags.NvidiaDriverRoot, next.Flags.NvidiaDriverRoot)
 	diff("flags.deviceDiscoveryStrategy", c.Flags.DeviceDiscoveryStrategy, next.Flags.DeviceDiscoveryStrategy)
 	diff("flags.plugin.containerDriverRoot", c.Plugin().ContainerDriverRoot, next.Plugin().ContainerDriverRoot)
+	diff("flags.useNodeFeatureAPI", c.UseNodeFeatureAPI(), next.UseNodeFeatureAPI())
 	// health.quarantine applies live (the daemon re-reads it on a reload).
 	ch, nh := c.Health, next.Health
 	ch.Quarantine, nh.Quarantine = nil, nil
 	diff("health", ch, nh)
 	return out
+}
+
+// UseNodeFeatureAPI reports whether the node labels go to an NFD
+// NodeFeature object instead of the features.d file (GFD's
+// useNodeFeatureAPI).
+func (c *Config) UseNodeFeatureAPI() bool {
+	return c.Flags.UseNodeFeatureAPI != nil && *c.Flags.UseNodeFeatureAPI
 }

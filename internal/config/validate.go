@@ -186,9 +186,6 @@ func (c *Config) Warnings() []string {
 	var w []string
 	w = append(w, c.parseWarnings...)
 	w = append(w, c.compatWarnings...)
-	if c.Flags.UseNodeFeatureAPI != nil {
-		w = append(w, "flags.useNodeFeatureAPI: read by NVIDIA's gpu-feature-discovery only; gpu-plugin writes node labels to NFD's features.d file (--labels-file); ignored")
-	}
 	if g := c.Flags.GFD; g != nil {
 		for _, f := range []struct {
 			name string

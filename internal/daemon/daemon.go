@@ -60,6 +60,9 @@ type Daemon struct {
 	// about the node for --config-dir, stopped by Close.
 	kube       *kube.Client
 	stopEvents func()
+	// nodeFeature publishes the node labels as a NodeFeature object
+	// instead of the file (--use-node-feature-api); nil otherwise.
+	nodeFeature *nodeFeatureWriter
 }
 
 // New opens NVML (or the simulated node), scans the inventory and builds
@@ -78,6 +81,12 @@ func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 			return nil, err
 		}
 		cfg = d.cfg
+	}
+	if cfg.UseNodeFeatureAPI() && cfg.Daemon.NodeLabels {
+		var err error
+		if d.nodeFeature, err = d.newNodeFeatureWriter(); err != nil {
+			return nil, err
+		}
 	}
 	d.rl = newReloader(d)
 	if start != nil {

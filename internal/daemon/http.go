@@ -142,6 +142,11 @@ func (h *httpServer) readyz(w http.ResponseWriter, _ *http.Request) {
 		return
 	}
 	fmt.Fprintln(w, "ready")
+	// Notes do not make the pod unready: the daemon serves with the
+	// configuration in force.
+	if n := h.d.rl.readinessNote(); n != "" {
+		fmt.Fprintln(w, "note: "+n)
+	}
 }
 
 // DebugDevices is the /debug/devices document.

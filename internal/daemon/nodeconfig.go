@@ -172,3 +172,14 @@ type nodeConfigState struct {
 	events   record.EventRecorder
 	ref      *corev1.ObjectReference
 }
+
+// readinessNote is the /readyz detail of --config-dir: a node label naming
+// no config file ("" when there is none).
+func (r *reloader) readinessNote() string {
+	r.stats.mu.Lock()
+	defer r.stats.mu.Unlock()
+	if r.stats.unknownLabel == "" {
+		return ""
+	}
+	return fmt.Sprintf("node label %s=%q names no config file; %s stays in force", r.d.cfg.Daemon.ConfigLabel, r.stats.unknownLabel, r.stats.nodeConfig)
+}

@@ -32,6 +32,8 @@ func (d *Daemon) newKubeClient() error {
 		needs = "--node-health-condition"
 	case d.cfg.Daemon.ConfigDir != "":
 		needs = "--config-dir"
+	case d.cfg.UseNodeFeatureAPI() && d.cfg.Daemon.NodeLabels:
+		needs = "--use-node-feature-api"
 	default:
 		return nil
 	}

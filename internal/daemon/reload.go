@@ -25,6 +25,7 @@ import (
 
 	"github.com/gpu-plugin/gpu-plugin/internal/advert"
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
+	"github.com/gpu-plugin/gpu-plugin/internal/kube"
 	"github.com/gpu-plugin/gpu-plugin/internal/labels"
 	"github.com/gpu-plugin/gpu-plugin/internal/notify"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
@@ -517,14 +518,23 @@ func migLayout(g *nvml.GPU) string {
 // writeLabels writes the node labels file if its content would change.
 func (r *reloader) writeLabels() {
 	cfg := r.d.cfg
-	if !cfg.Daemon.NodeLabels || cfg.Daemon.LabelsFile == "" {
+	nf := r.d.nodeFeature
+	if !cfg.Daemon.NodeLabels || (cfg.Daemon.LabelsFile == "" && nf == nil) {
 		return
 	}
-	if r.d.node != nil && cfg.Daemon.LabelsFile == config.DefaultLabelsFile {
+	if nf == nil && r.d.node != nil && cfg.Daemon.LabelsFile == config.DefaultLabelsFile {
 		return // a simulated node must not label the real host; name a file to get them
 	}
 	l := r.adv.Labels
-	wrote, err := labels.Write(cfg.Daemon.LabelsFile, l)
+	where := cfg.Daemon.LabelsFile
+	var wrote bool
+	var err error
+	if nf != nil {
+		where = "NodeFeature " + nf.namespace + "/" + kube.NodeFeatureName(nf.node)
+		wrote, err = nf.write(l)
+	} else {
+		wrote, err = labels.Write(cfg.Daemon.LabelsFile, l)
+	}
 	result := "success"
 	if err != nil {
 		result = "failure"
@@ -543,7 +553,7 @@ func (r *reloader) writeLabels() {
 		return
 	}
 	if wrote {
-		r.log.Info("node labels written", "file", cfg.Daemon.LabelsFile, "labels", len(l))
+		r.log.Info("node labels written", "to", where, "labels", len(l))
 	}
 	r.stats.mu.Lock()
 	r.stats.labelWrites[result]++

@@ -172,6 +172,40 @@ config:
 			},
 		},
 		{
+			name:   "NodeFeature API",
+			values: "nodeFeatureAPI: true",
+			policy: policy{apiAccess: true},
+			kinds:  []string{"ServiceAccount", "ConfigMap", "Role", "RoleBinding", "Service", "DaemonSet"},
+			check: func(t *testing.T, _ *Rendered, objs []Object, ds *appsv1.DaemonSet) {
+				c := ds.Spec.Template.Spec.Containers[0]
+				if v, _ := env(c, "USE_NODE_FEATURE_API"); v != "true" {
+					t.Errorf("USE_NODE_FEATURE_API=%q, want true", v)
+				}
+				for name, path := range map[string]string{"POD_NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"} {
+					found := false
+					for _, e := range c.Env {
+						if e.Name == name && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == path {
+							found = true
+						}
+					}
+					if !found {
+						t.Errorf("no %s from %s: the daemon cannot name its NodeFeature's namespace or owner", name, path)
+					}
+				}
+				role := objectOf[*rbacv1.Role](t, objs)
+				got := map[string][]string{}
+				for _, rule := range role.Rules {
+					for _, res := range rule.Resources {
+						got[strings.Join(rule.APIGroups, ",")+"/"+res] = rule.Verbs
+					}
+				}
+				want := map[string][]string{"nfd.k8s-sigs.io/nodefeatures": {"get", "create", "update"}, "/pods": {"get"}}
+				if !reflect.DeepEqual(got, want) {
+					t.Errorf("Role grants %v, want exactly %v", got, want)
+				}
+			},
+		},
+		{
 			name: "existing ConfigMap",
 			values: `
 config:

@@ -48,6 +48,12 @@ func newTyped(apiVersion, kind string) (any, *metav1.ObjectMeta, error) {
 	case "autoscaling/v2/HorizontalPodAutoscaler":
 		o := &autoscalingv2.HorizontalPodAutoscaler{}
 		return o, &o.ObjectMeta, nil
+	case "rbac.authorization.k8s.io/v1/Role":
+		o := &rbacv1.Role{}
+		return o, &o.ObjectMeta, nil
+	case "rbac.authorization.k8s.io/v1/RoleBinding":
+		o := &rbacv1.RoleBinding{}
+		return o, &o.ObjectMeta, nil
 	case "rbac.authorization.k8s.io/v1/ClusterRole":
 		o := &rbacv1.ClusterRole{}
 		return o, &o.ObjectMeta, nil

@@ -19,7 +19,8 @@
 // TestNode runs issue 18's scenarios in order on one node, each asserted
 // and timed (the timings are printed at the end): 1 install, 2 GPU pods
 // and quota, 3 time-slicing through the chart's ConfigMap, 3b per-node
-// configs picked by the node label (nodeconfig_test.go), 4 Prometheus with
+// configs picked by the node label (nodeconfig_test.go), 3c the node
+// labels as an NFD NodeFeature object (nodefeature_test.go), 4 Prometheus with
 // README's scrape job (a Prometheus built from the module in prometheus/,
 // since Debian's lacks kubernetes_sd), 5 health (XID 79 through the
 // simulated node's /sim API; the GPUHealthy condition, Events, the taint

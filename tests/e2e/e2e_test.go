@@ -104,6 +104,7 @@ func TestNode(t *testing.T) {
 		{"2-gpu-pod", s.gpuPodScenario},
 		{"3-time-slicing", s.timeSlicing},
 		{"3b-per-node-config", s.perNodeConfig},
+		{"3c-node-feature-api", s.nodeFeatureAPI},
 		{"4-prometheus", s.prometheus},
 		{"5-health", s.health},
 		{"6-restarts", s.restarts},
@@ -625,6 +626,16 @@ func (s *suite) uninstall(t *testing.T) {
 		t.Fatalf("objects of the release remain after helm uninstall: %v", err)
 	}
 	s.timed("7 uninstall → every object gone", time.Since(t0))
+	// Scenario 3c's NodeFeature is owned by the DaemonSet: the garbage
+	// collector removes it with the release.
+	dyn := s.dynamicClient(t)
+	err = wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, 120*time.Second, true, func(ctx context.Context) (bool, error) {
+		_, err := dyn.Resource(nodeFeatureGVR).Namespace(releaseNS).Get(ctx, nodeFeatureName, metav1.GetOptions{})
+		return apierrors.IsNotFound(err), nil
+	})
+	if err != nil {
+		t.Errorf("NodeFeature %s/%s remains after uninstall: %v", releaseNS, nodeFeatureName, err)
+	}
 	s.waitNoGPUs(t, "7 uninstall", t0)
 }
 

@@ -67,6 +67,9 @@ func (s *suite) perNodeConfig(t *testing.T) {
 	if !strings.Contains(string(s.pluginDo(t, "GET", "/metrics")), "gpu_plugin_node_config_unknown_label 1") {
 		t.Error("gpu_plugin_node_config_unknown_label is not 1 while the label names no config")
 	}
+	if r := string(s.pluginDo(t, "GET", "/readyz")); !strings.Contains(r, `"sharde" names no config file; shared stays in force`) {
+		t.Errorf("/readyz says %q, want a note naming the label value and the config in force", r)
+	}
 	time.Sleep(2 * time.Second)
 	nd, err := s.n.client.CoreV1().Nodes().Get(context.Background(), nodeName, metav1.GetOptions{})
 	if err != nil {

@@ -177,6 +177,14 @@ func (s *suite) xidStorm(t *testing.T) {
 	})
 	s.timed("5 storm recovery → condition True, taint gone, allocatable 8", time.Since(t1))
 	s.gpuPodUndisturbed(t)
+
+	// After the storm, so that its Events were counted alone.
+	s.xidToCondition(t)
+	s.n.waitNode(t, "condition True and allocatable 8 again", 180*time.Second, func(nd *corev1.Node) bool {
+		_, al := gpus(nd)
+		c := gpuCondition(nd)
+		return !tainted(nd) && al == nodeGPUs && c != nil && c.Status == corev1.ConditionTrue
+	})
 }
 
 // ownNodeOnly uses the plugin's own service account, with a token bound to
@@ -277,3 +285,32 @@ func (s *suite) ownNodeOnly(t *testing.T) {
 }
 
 func ptrTo[T any](v T) *T { return &v }
+
+// xidToCondition samples the time from an XID to the API server's
+// GPUHealthy condition naming it: one XID per GPU in turn, each waited
+// for (the message counts the sick GPUs), so 8 samples.
+func (s *suite) xidToCondition(t *testing.T) {
+	pod, err := s.n.client.CoreV1().Pods(releaseNS).Get(context.Background(), s.pluginPod.Name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var took []time.Duration
+	for g := range nodeGPUs {
+		t0 := time.Now()
+		resp, err := http.Post(fmt.Sprintf("http://%s:9400/sim/gpus/%d/xid?code=79", pod.Status.PodIP, g), "", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		want := fmt.Sprintf("%d of %d GPUs unhealthy", g+1, nodeGPUs)
+		s.waitCondition(t, want, func(c *corev1.NodeCondition) bool {
+			return c.Status == corev1.ConditionFalse && strings.HasPrefix(c.Message, want)
+		})
+		took = append(took, time.Since(t0))
+	}
+	slices.Sort(took)
+	p50, worst := took[len(took)/2], took[len(took)-1]
+	t.Logf("XID → GPUHealthy condition in the API server, %d samples: %v", len(took), took)
+	s.timed(fmt.Sprintf("5 XID → condition, p50 of %d", len(took)), p50)
+	s.timed(fmt.Sprintf("5 XID → condition, max of %d (p99)", len(took)), worst)
+}
