@@ -46,11 +46,18 @@ func (s *suite) waitAllocatable(t *testing.T, want int64, what string) time.Dura
 	return time.Since(t0)
 }
 
+// replacePlugin upgrades the release with values that change the pod
+// template, and waits for the new plugin pod.
+func (s *suite) replacePlugin(t *testing.T, extra map[string]any) {
+	t.Helper()
+	old := s.pluginPod.UID
+	s.upgrade(t, extra)
+	s.pluginPod = s.waitPluginReady(t, old)
+}
+
 func (s *suite) perNodeConfig(t *testing.T) {
 	// The chart switches the daemon to --config-dir: a new pod.
-	old := s.pluginPod.UID
-	s.upgrade(t, perNodeConfigValues)
-	s.pluginPod = s.waitPluginReady(t, old)
+	s.replacePlugin(t, perNodeConfigValues)
 	s.waitAllocatable(t, nodeGPUs, "allocatable 8 with the default config (whole)")
 
 	t0 := time.Now()
@@ -86,8 +93,6 @@ func (s *suite) perNodeConfig(t *testing.T) {
 	s.samePluginPod(t)
 
 	// Back to the single inline config for the scenarios that follow.
-	old = s.pluginPod.UID
-	s.upgrade(t, nil)
-	s.pluginPod = s.waitPluginReady(t, old)
+	s.replacePlugin(t, nil)
 	s.waitAllocatable(t, nodeGPUs, "allocatable 8 with the inline config again")
 }

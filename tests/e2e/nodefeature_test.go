@@ -90,10 +90,8 @@ func (s *suite) nodeFeatureAPI(t *testing.T) {
 	dyn := s.dynamicClient(t)
 	s.installNodeFeatureCRD(t, dyn)
 
-	old := s.pluginPod.UID
 	t0 := time.Now()
-	s.upgrade(t, map[string]any{"nodeFeatureAPI": true})
-	s.pluginPod = s.waitPluginReady(t, old)
+	s.replacePlugin(t, map[string]any{"nodeFeatureAPI": true})
 	labels := s.waitNodeFeature(t, dyn, "the node's 8 GPUs, owned by the DaemonSet", func(obj *unstructured.Unstructured, l map[string]string) bool {
 		refs := obj.GetOwnerReferences()
 		return l["nvidia.com/gpu.count"] == "8" && obj.GetLabels()["nfd.node.kubernetes.io/node-name"] == nodeName &&
@@ -115,8 +113,6 @@ func (s *suite) nodeFeatureAPI(t *testing.T) {
 
 	// Back to the features.d file for the scenarios that follow; the
 	// object stays, owned by the DaemonSet, until uninstall (scenario 7).
-	old = s.pluginPod.UID
-	s.upgrade(t, nil)
-	s.pluginPod = s.waitPluginReady(t, old)
+	s.replacePlugin(t, nil)
 	s.waitAllocatable(t, nodeGPUs, "allocatable 8 without the NodeFeature API")
 }
