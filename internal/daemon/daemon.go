@@ -74,6 +74,13 @@ func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 	if err := d.newKubeClient(); err != nil {
 		return nil, err
 	}
+	started := false
+	defer func() {
+		// A failed start stops the Event recorder it may have begun.
+		if !started && d.stopEvents != nil {
+			d.stopEvents()
+		}
+	}()
 	var start *nodeConfigStart
 	if cfg.Daemon.ConfigDir != "" {
 		var err error
@@ -151,6 +158,7 @@ func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 		return nil, err
 	}
 	d.plugins = plugin.NewManager(d.pluginOptions())
+	started = true
 	return d, nil
 }
 

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -74,7 +75,8 @@ func (d *Daemon) selectStartConfig() (*nodeConfigStart, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	b := record.NewBroadcaster(record.WithContext(ctx))
 	b.StartRecordingToSink(d.kube.EventSink(ctx))
-	d.stopEvents = func() { cancel(); b.Shutdown() }
+	var once sync.Once
+	d.stopEvents = func() { once.Do(func() { cancel(); b.Shutdown() }) }
 	rec := b.NewRecorder(d.kube.Scheme(), corev1.EventSource{Component: "gpu-plugin", Host: next.Daemon.NodeName})
 	return &nodeConfigStart{choice: choice, label: *label, events: rec}, nil
 }
