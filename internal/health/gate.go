@@ -10,7 +10,6 @@ package health
 // remapping) leaves the gate with what it has, said once per GPU.
 
 import (
-	"encoding/binary"
 	"fmt"
 	"strconv"
 	"strings"
@@ -172,21 +171,8 @@ func (m *Monitor) sayGateNews() {
 // recoveryActionField reads NVML_FI_DEV_GET_GPU_RECOVERY_ACTION; a field
 // the driver does not know answers NOT_SUPPORTED in its own return code.
 func recoveryActionField(h gonvml.Device) (uint64, gonvml.Return) {
-	fv := []gonvml.FieldValue{{FieldId: gonvml.FI_DEV_GET_GPU_RECOVERY_ACTION}}
-	if ret := h.GetFieldValues(fv); ret != gonvml.SUCCESS {
-		return 0, ret
-	}
-	if ret := gonvml.Return(fv[0].NvmlReturn); ret != gonvml.SUCCESS {
-		return 0, ret
-	}
-	raw := fv[0].Value[:]
-	switch gonvml.ValueType(fv[0].ValueType) {
-	case gonvml.VALUE_TYPE_UNSIGNED_INT, gonvml.VALUE_TYPE_SIGNED_INT:
-		return uint64(binary.NativeEndian.Uint32(raw)), gonvml.SUCCESS
-	case gonvml.VALUE_TYPE_UNSIGNED_LONG, gonvml.VALUE_TYPE_UNSIGNED_LONG_LONG, gonvml.VALUE_TYPE_SIGNED_LONG_LONG:
-		return binary.NativeEndian.Uint64(raw), gonvml.SUCCESS
-	}
-	return 0, gonvml.ERROR_UNKNOWN // a type this field never has
+	v, ret := nvml.FieldValue(h, gonvml.FI_DEV_GET_GPU_RECOVERY_ACTION)
+	return uint64(v), ret
 }
 
 // hold says what keeps a GPU's units out after the quiet period, or "" when

@@ -12,11 +12,9 @@ package nvmlbackend
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"sync"
 
 	gonvml "github.com/NVIDIA/go-nvml/pkg/nvml"
@@ -295,7 +293,7 @@ func (b *Backend) readDevice(r *reader, h gonvml.Device, v *telemetry.Values, fi
 	}
 	if fields.Has(telemetry.MemoryTemp) {
 		r.read(v, telemetry.MemoryTemp, "nvmlDeviceGetFieldValues", func() (float64, gonvml.Return) {
-			return fieldValue(h, gonvml.FI_DEV_MEMORY_TEMP)
+			return nvml.FieldValue(h, gonvml.FI_DEV_MEMORY_TEMP)
 		})
 	}
 	if fields.Has(telemetry.PowerUsage) {
@@ -418,33 +416,6 @@ func readMemory(r *reader, h gonvml.Device, v *telemetry.Values, fields telemetr
 	default:
 		r.err = err
 	}
-}
-
-// fieldValue reads one NVML field value as a number.
-func fieldValue(h gonvml.Device, id uint32) (float64, gonvml.Return) {
-	fv := []gonvml.FieldValue{{FieldId: id}}
-	if ret := h.GetFieldValues(fv); ret != gonvml.SUCCESS {
-		return 0, ret
-	}
-	if ret := gonvml.Return(fv[0].NvmlReturn); ret != gonvml.SUCCESS {
-		return 0, ret
-	}
-	raw := fv[0].Value[:]
-	switch gonvml.ValueType(fv[0].ValueType) {
-	case gonvml.VALUE_TYPE_DOUBLE:
-		return math.Float64frombits(binary.NativeEndian.Uint64(raw)), gonvml.SUCCESS
-	case gonvml.VALUE_TYPE_UNSIGNED_INT:
-		return float64(binary.NativeEndian.Uint32(raw)), gonvml.SUCCESS
-	case gonvml.VALUE_TYPE_SIGNED_INT:
-		return float64(int32(binary.NativeEndian.Uint32(raw))), gonvml.SUCCESS
-	case gonvml.VALUE_TYPE_UNSIGNED_LONG, gonvml.VALUE_TYPE_UNSIGNED_LONG_LONG:
-		return float64(binary.NativeEndian.Uint64(raw)), gonvml.SUCCESS
-	case gonvml.VALUE_TYPE_SIGNED_LONG_LONG:
-		return float64(int64(binary.NativeEndian.Uint64(raw))), gonvml.SUCCESS
-	case gonvml.VALUE_TYPE_UNSIGNED_SHORT:
-		return float64(binary.NativeEndian.Uint16(raw)), gonvml.SUCCESS
-	}
-	return 0, gonvml.ERROR_NOT_SUPPORTED
 }
 
 func b2f(b bool) float64 {

@@ -1,7 +1,8 @@
-package nvmlbackend
+package nvml
 
-// The backend is tested end to end on simulated nodes in package telemetry
-// (collector_test.go); this covers what the simulator does not produce.
+// FieldValue on value types the simulator does not produce. Its callers
+// (the telemetry backend, the recovery gate) are tested end to end on
+// simulated nodes and the fake library.
 
 import (
 	"encoding/binary"
@@ -42,7 +43,7 @@ func TestFieldValueTypes(t *testing.T) {
 				v[0].FieldId = id
 				return gonvml.SUCCESS
 			}}
-			got, ret := fieldValue(d, gonvml.FI_DEV_MEMORY_TEMP)
+			got, ret := FieldValue(d, gonvml.FI_DEV_MEMORY_TEMP)
 			if got != tc.want || ret != tc.ret {
 				t.Errorf("got %v %v, want %v %v", got, ret, tc.want, tc.ret)
 			}
