@@ -3,6 +3,7 @@ package config
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"regexp"
 	"strconv"
@@ -95,8 +96,10 @@ func (d *Devices) UnmarshalJSON(b []byte) error {
 		if err := json.Unmarshal(raw, &n); err == nil {
 			if v, err := strconv.ParseUint(n.String(), 10, 63); err == nil {
 				ref = strconv.FormatUint(v, 10)
+			} else if errors.Is(err, strconv.ErrRange) {
+				return fieldErr(path, "%s is too large for a GPU index; list a GPU by its index as nvidia-smi shows it (0, 1, …)", clip(n.String()))
 			} else {
-				return fieldErr(path, "%s is not a GPU index (0 or more)", clip(n.String()))
+				return fieldErr(path, "%s is not a GPU index (a whole number, 0 or more)", clip(n.String()))
 			}
 		} else if err := json.Unmarshal(raw, &ref); err != nil {
 			return fieldErr(path, "wrong type: want a GPU index, a MIG index (<gpu>:<mig>) or a GPU/MIG UUID")

@@ -120,7 +120,9 @@ func namesRef(err error, id string) bool {
 	for n > 0 && !utf8.RuneStart(id[n]) {
 		n--
 	}
-	return strings.Contains(msg, fmt.Sprintf("%q… (%d bytes)", id[:n], len(id)))
+	// Quoted for a string, bare for a number.
+	return strings.Contains(msg, fmt.Sprintf("%q… (%d bytes)", id[:n], len(id))) ||
+		strings.Contains(msg, fmt.Sprintf("%s… (%d bytes)", id[:n], len(id)))
 }
 
 // checkReplicaID: SplitReplicaID either fails quoting id, or returns the
