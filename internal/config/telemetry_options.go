@@ -44,6 +44,12 @@ type Telemetry struct {
 	NoHostname bool `json:"noHostname"`
 	// ReplaceBlanksInModelName writes modelName with dashes for blanks.
 	ReplaceBlanksInModelName bool `json:"replaceBlanksInModelName"`
+	// PerPodUsage turns on per-pod accounting: each GPU's processes,
+	// joined to pods through their cgroups. Needs hostPID, and pods
+	// readable through the API server.
+	PerPodUsage bool `json:"perPodUsage"`
+	// ProcRoot is where the host's /proc is (tests point it elsewhere).
+	ProcRoot string `json:"-"`
 }
 
 // parseCollectInterval accepts a Go duration ("1s", "500ms") or, as
@@ -124,6 +130,9 @@ func telemetryOptions() []Option {
 		boolean("replace-blanks-in-model-name", []string{"GPU_PLUGIN_REPLACE_BLANKS_IN_MODEL_NAME", "DCGM_EXPORTER_REPLACE_BLANKS_IN_MODEL_NAME"},
 			"write the modelName label with dashes instead of blanks, as dcgm-exporter's option of that name",
 			func(c *Config) *bool { return &c.Telemetry.ReplaceBlanksInModelName }),
+		boolean("per-pod-usage", []string{"GPU_PLUGIN_PER_POD_USAGE"},
+			"per-pod GPU memory and SM use, also on shared (time-sliced) GPUs: each GPU's processes are joined to their pods through /proc/<pid>/cgroup; needs hostPID: true and get/list/watch on pods (the chart's perPodUsage.enabled sets both); adds gpu_plugin_pod_gpu_* series and DCGM_FI_DEV_FB_USED/GPU_UTIL series per pod, as dcgm-exporter's --kubernetes-virtual-gpus does",
+			func(c *Config) *bool { return &c.Telemetry.PerPodUsage }),
 	}
 }
 
@@ -136,6 +145,9 @@ func (c *Config) TelemetrySettings() Telemetry {
 	}
 	if t.Backend == "" {
 		t.Backend = TelemetryAuto
+	}
+	if t.ProcRoot == "" {
+		t.ProcRoot = "/proc"
 	}
 	if t.PodResourcesInterval <= 0 {
 		t.PodResourcesInterval = DefaultPodResourcesInterval

@@ -7,6 +7,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/kube"
 	"github.com/gpu-plugin/gpu-plugin/internal/nodehealth"
 )
@@ -34,6 +35,8 @@ func (d *Daemon) newKubeClient() error {
 		needs = "--config-dir"
 	case d.cfg.UseNodeFeatureAPI() && d.cfg.Daemon.NodeLabels:
 		needs = "--use-node-feature-api"
+	case d.cfg.Telemetry.PerPodUsage && d.cfg.Telemetry.Backend != config.TelemetryNone:
+		needs = "--per-pod-usage"
 	default:
 		return nil
 	}

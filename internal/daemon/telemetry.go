@@ -12,11 +12,15 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
+	"github.com/gpu-plugin/gpu-plugin/internal/kube"
 	"github.com/gpu-plugin/gpu-plugin/internal/plugin"
 	"github.com/gpu-plugin/gpu-plugin/internal/podresources"
+	"github.com/gpu-plugin/gpu-plugin/internal/podusage"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
 	"github.com/gpu-plugin/gpu-plugin/internal/telemetry"
 	"github.com/gpu-plugin/gpu-plugin/internal/telemetry/dcgmbackend"
@@ -28,6 +32,8 @@ type telemetryParts struct {
 	sampler   *telemetry.Sampler
 	collector *telemetry.Collector
 	pods      *podresources.Cache
+	// podDir is the node's pods, for per-pod accounting (nil when off).
+	podDir *podusage.Directory
 }
 
 // newTelemetry builds the sampler and the pod-resources cache. Without NVML
@@ -74,13 +80,21 @@ func (d *Daemon) newTelemetry() error {
 		// health monitor's own calls.
 		samplerOpts.OnDeviceError = d.monitor.ReportError
 	}
-	d.tel.sampler = telemetry.NewSampler(samplerOpts)
 	if s.PodResourcesSocket != "" {
 		d.tel.pods = podresources.New(podresources.Options{
 			Socket: s.PodResourcesSocket, Interval: s.PodResourcesInterval, Resolver: d.podResolver,
 			Logger: d.log.With("component", "pod-resources"),
 		})
 	}
+	if s.PerPodUsage && d.tel.pods != nil && d.kube != nil {
+		d.tel.podDir = podusage.NewDirectory()
+		samplerOpts.Attributor = podusage.NewAccountant(podusage.Options{
+			Resolver: podusage.NewResolver(s.ProcRoot), Holders: d.tel.pods.Snapshot, Directory: d.tel.podDir,
+			Logger: d.log.With("component", "per-pod-usage"),
+		})
+		log.Info("per-pod accounting on: GPU processes are attributed to pods through their cgroups", "procRoot", s.ProcRoot)
+	}
+	d.tel.sampler = telemetry.NewSampler(samplerOpts)
 	opts := telemetry.CollectorOptions{Sampler: d.tel.sampler, ReplaceBlanksInModelName: s.ReplaceBlanksInModelName}
 	if !s.NoHostname {
 		opts.Hostname = d.hostname()
@@ -114,6 +128,29 @@ func (d *Daemon) runTelemetry(run func(string, func(context.Context) error)) {
 	if d.tel.pods != nil {
 		run("pod attribution", d.tel.pods.Run)
 	}
+	if d.tel.podDir != nil {
+		run("pod directory", d.watchPods)
+	}
+}
+
+// watchPods keeps the per-pod accounting's directory of the node's pods.
+func (d *Daemon) watchPods(ctx context.Context) error {
+	dir := d.tel.podDir
+	d.kube.WatchPods(ctx, d.hostname(), d.log.With("component", "pod-directory"), kube.PodHandler{
+		Set: func(p *corev1.Pod) {
+			pod := podusage.Pod{UID: string(p.UID), Namespace: p.Namespace, Name: p.Name, Containers: map[string]string{},
+				Finished: p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed}
+			for _, c := range p.Status.ContainerStatuses {
+				if c.ContainerID != "" {
+					pod.Containers[podusage.ContainerID(c.ContainerID)] = c.Name
+				}
+			}
+			dir.Set(pod)
+		},
+		Delete: func(uid types.UID) { dir.Delete(string(uid)) },
+		Synced: dir.MarkSynced,
+	})
+	return nil
 }
 
 // pluginEvents are the plugin hooks telemetry needs: a fresh attribution

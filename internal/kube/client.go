@@ -133,3 +133,77 @@ func notifyNode(obj any, onChange func(*corev1.Node)) {
 		onChange(n)
 	}
 }
+
+// PodHandler hears of the pods on one node.
+type PodHandler struct {
+	// Set is called with a pod when first listed and after each change.
+	Set func(*corev1.Pod)
+	// Delete is called with a pod's UID when it is gone.
+	Delete func(uid types.UID)
+	// Synced, if set, is called once the first list has been handed to
+	// Set.
+	Synced func()
+}
+
+// WatchPods follows the pods scheduled to node (a field selector on
+// spec.nodeName, as the kubelet itself watches them) until ctx ends. The
+// informer keeps only what per-pod accounting reads: names, UID, phase
+// and container IDs.
+func (c *Client) WatchPods(ctx context.Context, node string, log *slog.Logger, h PodHandler) {
+	lw := cache.NewListWatchFromClient(c.rc, "pods", metav1.NamespaceAll, fields.OneTermEqualSelector("spec.nodeName", node))
+	logger := logr.FromSlogHandler(log.Handler())
+	_, informer := cache.NewInformerWithOptions(cache.InformerOptions{
+		Logger:        &logger,
+		ListerWatcher: lw,
+		ObjectType:    &corev1.Pod{},
+		Transform:     trimPod,
+		Handler: cache.ResourceEventHandlerFuncs{
+			AddFunc:    func(obj any) { setPod(obj, h.Set) },
+			UpdateFunc: func(_, obj any) { setPod(obj, h.Set) },
+			DeleteFunc: func(obj any) {
+				if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+					obj = d.Obj
+				}
+				if p, ok := obj.(*corev1.Pod); ok {
+					h.Delete(p.UID)
+				}
+			},
+		},
+	})
+	if h.Synced != nil {
+		done := make(chan struct{})
+		defer func() { <-done }()
+		go func() {
+			defer close(done)
+			if cache.WaitForCacheSync(ctx.Done(), informer.HasSynced) {
+				h.Synced()
+			}
+		}()
+	}
+	informer.RunWithContext(ctx)
+}
+
+func setPod(obj any, set func(*corev1.Pod)) {
+	if p, ok := obj.(*corev1.Pod); ok {
+		set(p)
+	}
+}
+
+// trimPod keeps what WatchPods' handler reads, so the informer's cache of
+// every pod on the node stays small.
+func trimPod(obj any) (any, error) {
+	p, ok := obj.(*corev1.Pod)
+	if !ok {
+		return obj, nil
+	}
+	out := &corev1.Pod{}
+	out.Name, out.Namespace, out.UID, out.ResourceVersion = p.Name, p.Namespace, p.UID, p.ResourceVersion
+	out.DeletionTimestamp = p.DeletionTimestamp
+	out.Status.Phase = p.Status.Phase
+	for _, list := range [][]corev1.ContainerStatus{p.Status.InitContainerStatuses, p.Status.ContainerStatuses} {
+		for _, s := range list {
+			out.Status.ContainerStatuses = append(out.Status.ContainerStatuses, corev1.ContainerStatus{Name: s.Name, ContainerID: s.ContainerID})
+		}
+	}
+	return out, nil
+}

@@ -43,9 +43,14 @@ import (
 //	                                    NVML's recovery action field (recovery.go)
 //	POST /sim/gpus/{index}/remap?corr=0&uncorr=1&pending=true&failure=false
 //	                                    the row-remapper state (recovery.go)
+//	PUT  /sim/gpus/{index}/processes    JSON [{"pid": 4242, "used_mib": 2048, "sm_util": 40,
+//	                                    "mem_util": 5, "mig": "<MIG UUID or GPU instance ID>"}]:
+//	                                    replace the GPU's compute processes (processes.go)
+//	GET  /sim/gpus/{index}/processes    the GPU's compute processes
 func (n *Node) Handler() http.Handler {
 	mux := http.NewServeMux()
 	n.addRecoveryHandlers(mux)
+	n.addProcessHandlers(mux)
 	mux.HandleFunc("GET /sim/gpus", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, http.StatusOK, n.State())
 	})

@@ -26,7 +26,9 @@ import (
 //   - a rejected request changes nothing: GPU state, faults and modes are
 //     as before; an armed fault names a call that exists;
 //   - whatever was accepted, the node stays consistent: every GPU is
-//     listed once with telemetry in the ranges the API enforces, and
+//     listed once with telemetry in the ranges the API enforces, its
+//     processes are valid (a PID once, percentages, memory within the
+//     device's, on a current MIG device exactly when MIG is on), and
 //     unless a GPU is lost or a fault is armed, the production scanner
 //     sees exactly the MIG layout the state reports.
 //
@@ -64,6 +66,12 @@ func FuzzControlAPI(f *testing.F) {
 		{"POST", "/sim/gpus/+1/lost", ""},
 		{"GET", "/sim/../sim/gpus", ""},
 		{"POST", "/sim/gpus/%30/lost", ""},
+		{"PUT", "/sim/gpus/6/processes", `[{"pid": 4242, "used_mib": 2048, "sm_util": 40, "mem_util": 3}, {"pid": 4243}]`},
+		{"PUT", "/sim/gpus/1/processes", `[{"pid": 7, "used_mib": 100, "mig": 3}, {"pid": 8, "mig": "1"}]`},
+		{"PUT", "/sim/gpus/1/processes", `[{"pid": 7}]`},
+		{"PUT", "/sim/gpus/6/processes", `[{"pid": -1, "used_mib": 1e300}]`},
+		{"PUT", "/sim/gpus/6/processes", `[{"pid": 9, "used_mib": 40960}, {"pid": 10, "used_mib": 1}]`},
+		{"GET", "/sim/gpus/6/processes", ""},
 	} {
 		f.Add(s.method, s.target, []byte(s.body))
 	}
@@ -140,6 +148,28 @@ func (n *Node) snapshot() nodeSnapshot {
 	return nodeSnapshot{gpus: gpus, faults: maps.Clone(n.faults), libFaults: maps.Clone(n.libFaults), waitLost: n.waitLost}
 }
 
+// checkProcesses asserts a GPU's processes are what SetProcesses accepts.
+func (n *Node) checkProcesses(t *testing.T, what string, i int, g GPUState) {
+	t.Helper()
+	capMiB := map[string]uint64{"": n.spec.gpus[i].memoryMiB}
+	for _, m := range n.migLayoutOf(i).migs {
+		capMiB[m.uuid] = m.memoryMiB
+	}
+	used := map[string]uint64{}
+	pids := map[uint32]bool{}
+	for _, p := range g.Processes {
+		_, known := capMiB[p.MIG]
+		if p.PID == 0 || p.PID > maxPID || pids[p.PID] || p.SMUtil > 100 || p.MemUtil > 100 ||
+			!known || (p.MIG == "") == g.MIGEnabled {
+			t.Fatalf("after %s: GPU %d (MIG %v) has an invalid process %+v", what, i, g.MIGEnabled, p)
+		}
+		pids[p.PID] = true
+		if used[p.MIG] += p.UsedMiB; used[p.MIG] > capMiB[p.MIG] {
+			t.Fatalf("after %s: GPU %d's processes use %d MiB of %q's %d", what, i, used[p.MIG], p.MIG, capMiB[p.MIG])
+		}
+	}
+}
+
 // checkConsistent asserts the invariants the control API must keep.
 func (n *Node) checkConsistent(t *testing.T, what string, s nodeSnapshot) {
 	t.Helper()
@@ -167,6 +197,7 @@ func (n *Node) checkConsistent(t *testing.T, what string, s nodeSnapshot) {
 		if !g.MIGEnabled && len(g.MIGDevices) > 0 {
 			t.Fatalf("after %s: GPU %d has MIG devices %v with MIG off", what, i, g.MIGDevices)
 		}
+		n.checkProcesses(t, what, i, g)
 		broken = broken || g.Lost
 	}
 	if broken {

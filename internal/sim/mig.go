@@ -57,7 +57,8 @@ func (n *Node) migByUUID(i int, uuid string) gonvml.Device {
 // every MIG device is destroyed and the listed profiles are created in order
 // (each new device gets a new UUID). enabled=false turns MIG mode off and
 // needs an empty list; enabled=true with an empty list leaves MIG on with no
-// devices. The daemon sees the change on its next inventory scan.
+// devices. The GPU's compute processes end. The daemon sees the change on
+// its next inventory scan.
 func (n *Node) SetMIGLayout(gpu int, enabled bool, profiles []string) error {
 	if err := n.validGPU(gpu); err != nil {
 		return err
@@ -97,5 +98,7 @@ func (n *Node) SetMIGLayout(gpu int, enabled bool, profiles []string) error {
 	}
 	// Building the mock devices takes no lock: their funcs read state later.
 	n.state[gpu].mig = n.newMIGLayout(g, enabled, migs, gen)
+	// Re-partitioning needs an idle GPU: no process survives it.
+	n.state[gpu].procs = nil
 	return nil
 }

@@ -64,6 +64,8 @@ type GPUState struct {
 	// what the driver says the GPU needs (SetRecoveryAction, SetRowRemap).
 	RecoveryAction uint32   `json:"recovery_action"`
 	RowRemap       RowRemap `json:"row_remap"`
+	// Processes are the GPU's compute processes (SetProcesses).
+	Processes []Process `json:"processes,omitempty"`
 }
 
 // Node is a running simulated node. Its mock functions are fixed at
@@ -98,6 +100,11 @@ type gpuState struct {
 	energyAt time.Time
 	xids     int
 	rec      recoveryState // recovery action and row remapper (recovery.go)
+	// procs are the compute processes, replaced whole by SetProcesses;
+	// procStamp is the newest utilization sample timestamp handed out (µs)
+	// (processes.go).
+	procs     []simProc
+	procStamp uint64
 
 	fabric gonvml.GpuFabricInfo // NVLink fabric registration (gfd.go)
 }
@@ -282,15 +289,16 @@ func (n *Node) newDevice(g *simGPU) *mock.Device {
 	}
 	totalBytes := g.memoryMiB << 20
 	reservedBytes := (g.memoryMiB / 100) << 20 // the driver keeps about 1%
+	// Used memory is fb_used_mib plus what the processes use.
 	d.GetMemoryInfoFunc = func() (gonvml.Memory, gonvml.Return) {
 		return read(n, i, "GetMemoryInfo", func(s *gpuState) gonvml.Memory {
-			used := min(s.tel.FBUsedMiB<<20, totalBytes-reservedBytes)
+			used := min((s.tel.FBUsedMiB+s.procsMiBLocked(nil))<<20, totalBytes-reservedBytes)
 			return gonvml.Memory{Total: totalBytes, Used: used + reservedBytes, Free: totalBytes - reservedBytes - used}
 		})
 	}
 	d.GetMemoryInfo_v2Func = func() (gonvml.Memory_v2, gonvml.Return) {
 		return read(n, i, "GetMemoryInfo_v2", func(s *gpuState) gonvml.Memory_v2 {
-			used := min(s.tel.FBUsedMiB<<20, totalBytes-reservedBytes)
+			used := min((s.tel.FBUsedMiB+s.procsMiBLocked(nil))<<20, totalBytes-reservedBytes)
 			return gonvml.Memory_v2{Version: gonvml.STRUCT_VERSION(gonvml.Memory_v2{}, 2), Total: totalBytes,
 				Reserved: reservedBytes, Used: used, Free: totalBytes - reservedBytes - used}
 		})
@@ -325,6 +333,7 @@ func (n *Node) newDevice(g *simGPU) *mock.Device {
 	n.addTelemetryFuncs(d, g) // field values, encoder/decoder, PCIe replays, GPM (telemetry.go)
 	n.addRecoveryFuncs(d, g)  // remapped rows (recovery.go)
 	n.addFeatureFuncs(d, g)   // PCI class, fabric (gfd.go)
+	n.addProcessFuncs(d, g)   // compute processes, their utilization (processes.go)
 
 	// Topology: NVLinks as the profile's matrix describes them.
 	links := n.nvlinkEnds(i)
@@ -499,12 +508,20 @@ func (n *Node) newMIGDevice(g *simGPU, m *simMIG) *mock.Device {
 	}
 	d.GetGpuInstanceIdFunc = func() (int, gonvml.Return) { return value(n, i, "GetGpuInstanceId", m.giID) }
 	d.GetComputeInstanceIdFunc = func() (int, gonvml.Return) { return value(n, i, "GetComputeInstanceId", m.ciID) }
+	// Used memory is what the device's processes use.
 	d.GetMemoryInfoFunc = func() (gonvml.Memory, gonvml.Return) {
-		return value(n, i, "GetMemoryInfo", gonvml.Memory{Total: total, Free: total})
+		return read(n, i, "GetMemoryInfo", func(s *gpuState) gonvml.Memory {
+			used := s.procsMiBLocked(m) << 20
+			return gonvml.Memory{Total: total, Used: used, Free: total - used}
+		})
 	}
 	d.GetMemoryInfo_v2Func = func() (gonvml.Memory_v2, gonvml.Return) {
-		return value(n, i, "GetMemoryInfo_v2", gonvml.Memory_v2{Total: total, Free: total})
+		return read(n, i, "GetMemoryInfo_v2", func(s *gpuState) gonvml.Memory_v2 {
+			used := s.procsMiBLocked(m) << 20
+			return gonvml.Memory_v2{Total: total, Used: used, Free: total - used}
+		})
 	}
+	n.addMIGProcessFuncs(d, g, m) // processes.go
 	// MIG handles answer GetAttributes (whole GPUs do not), as NVML
 	// documents; go-nvlib's GetProfile reads the memory size from it.
 	giInfo := g.model.config.MIGProfiles.GpuInstanceProfiles[m.giProfile]
@@ -778,7 +795,7 @@ func (n *Node) State() []GPUState {
 		n.advanceEnergyLocked(s)
 		out[i] = GPUState{Index: i, UUID: n.spec.gpus[i].uuid, Lost: s.lost, Telemetry: s.tel,
 			EnergyMJ: uint64(s.energyMJ), XIDs: s.xids, MIGEnabled: s.mig.enabled, MIGDevices: s.mig.profiles(),
-			RecoveryAction: uint32(s.rec.action), RowRemap: s.rec.remap}
+			RecoveryAction: uint32(s.rec.action), RowRemap: s.rec.remap, Processes: n.processesLocked(i)}
 	}
 	return out
 }

@@ -96,6 +96,10 @@ func (d simDevice) GpmMigSampleGet(gi int, s gonvml.GpmSample) gonvml.Return {
 	return d.GpmMigSampleGetFunc(gi, s)
 }
 
+func (d simDevice) GetProcessUtilization(lastSeen uint64) ([]gonvml.ProcessUtilizationSample, gonvml.Return) {
+	return d.GetProcessUtilizationFunc(lastSeen)
+}
+
 type simEventSet struct{ *mock.EventSet }
 
 func (s simEventSet) Wait(timeoutMs uint32) (gonvml.EventData, gonvml.Return) {

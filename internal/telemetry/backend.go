@@ -44,9 +44,34 @@ func (v *Values) Get(f Field) (float64, bool) { return v.V[f], v.Have.Has(f) }
 // Result is one target's outcome of a sampling round.
 type Result struct {
 	Values
+	// Procs are the compute processes on the target, when the request
+	// asked for them (Request.Processes) and the backend could list them;
+	// ProcsRead says it did (an empty list then means none run).
+	Procs     []Process
+	ProcsRead bool
+	// ProcUtil says Procs carry per-process SM utilization. NVML has none
+	// on MIG devices (and on MIG-enabled GPUs): memory only there.
+	ProcUtil bool
 	// Err is set when the device could not be read this round; its
 	// previous values then age until they are no longer served.
 	Err error
+}
+
+// Process is one compute process on a GPU or MIG device, as NVML lists it
+// (nvmlDeviceGetComputeRunningProcesses, and for utilization
+// nvmlDeviceGetProcessUtilization).
+type Process struct {
+	// PID is as the driver reports it: a host PID when the daemon runs in
+	// the host's PID namespace (hostPID), which per-pod accounting needs.
+	PID uint32
+	// MemoryBytes is the framebuffer the process uses; 0 when the driver
+	// cannot tell (NVML_VALUE_NOT_AVAILABLE).
+	MemoryBytes uint64
+	// SMUtil is the process's SM utilization in percent, from its most
+	// recent sample since the previous round; 0 when it had none (NVML
+	// lists only processes that used the GPU). Meaningful only with
+	// Result.ProcUtil.
+	SMUtil float64
 }
 
 // Request is one sampling round.
@@ -54,6 +79,10 @@ type Request struct {
 	Inventory *nvml.Inventory
 	Targets   []Target
 	Fields    Mask
+	// Processes asks for each target's compute processes (Result.Procs),
+	// for per-pod accounting. A backend that cannot list them leaves
+	// Result.ProcsRead false.
+	Processes bool
 	// Out has one entry per target, zeroed; the backend fills it and must
 	// not keep it after Sample returns.
 	Out []Result

@@ -69,6 +69,7 @@ type Collector struct {
 	metrics []dcgmMetric // sorted by name
 	driver  string       // the DCGM_FI_DRIVER_VERSION label's name, or ""
 	view    atomic.Pointer[view]
+	uview   atomic.Pointer[usageView]
 }
 
 type dcgmMetric struct {
@@ -85,9 +86,12 @@ type view struct {
 	layout *Layout
 	pods   *podresources.Snapshot
 	labels [][]*dto.LabelPair // per target, sorted by name
-	text   [][]byte           // per target: `{name="value",…}`
-	order  []int              // targets in exposition order
-	info   []prometheus.Metric
+	// base are the per-target labels without a single holder's pod
+	// labels: per-pod series add their own.
+	base  []labelSet
+	text  [][]byte // per target: `{name="value",…}`
+	order []int    // targets in exposition order
+	info  []prometheus.Metric
 	// infoText is the whole gpu_plugin_pod_gpu_info family, rendered.
 	infoText []byte
 }
@@ -151,6 +155,9 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	snap, v, ok, start := c.state()
 	if snap != nil {
 		c.collectFields(ch, snap, v, start)
+		if u := c.usageViewFor(snap, v); u != nil {
+			u.collectUsage(ch)
+		}
 	}
 	mid := c.opts.Now()
 	c.report(ch, collectorDCGM, mid.Sub(start), ok)
@@ -204,6 +211,25 @@ func (c *Collector) collectFields(ch chan<- prometheus.Metric, snap *Snapshot, v
 			ch <- &buf[len(buf)-1]
 		}
 	}
+	u := c.usageViewFor(snap, v)
+	if u == nil {
+		return
+	}
+	for k := range c.metrics {
+		m := &c.metrics[k]
+		if !hasPodSeries(m.field) {
+			continue
+		}
+		for j := range snap.Usage.Pods {
+			p := &snap.Usage.Pods[j]
+			if !snap.Devices[p.Target].Servable(now, stale) {
+				continue
+			}
+			if x, ok := podValue(m.field, p); ok {
+				ch <- &series{m: m, labels: u.dcgm[j], value: x}
+			}
+		}
+	}
 }
 
 // WriteText appends the collector's families to buf in the text exposition
@@ -212,7 +238,9 @@ func (c *Collector) collectFields(ch chan<- prometheus.Metric, snap *Snapshot, v
 // values, but written from label sets rendered once per view.
 func (c *Collector) WriteText(buf *bytes.Buffer) {
 	snap, v, ok, start := c.state()
+	var u *usageView
 	if snap != nil {
+		u = c.usageViewFor(snap, v)
 		stale := c.opts.Sampler.StaleAfter()
 		servable := make([]bool, len(snap.Devices))
 		for i := range snap.Devices {
@@ -222,7 +250,15 @@ func (c *Collector) WriteText(buf *bytes.Buffer) {
 		for k := range c.metrics {
 			m := &c.metrics[k]
 			wrote := false
-			for _, i := range v.order {
+			order := v.order
+			if u != nil && hasPodSeries(m.field) {
+				order = u.mixed
+			}
+			for _, i := range order {
+				if i < 0 {
+					c.writePodSeries(buf, m, snap, u, -i-1, servable, &wrote)
+					continue
+				}
 				if !servable[i] {
 					continue
 				}
@@ -243,8 +279,14 @@ func (c *Collector) WriteText(buf *bytes.Buffer) {
 		}
 	}
 	took := c.opts.Now().Sub(start)
+	if u != nil {
+		u.writeUnattributed(buf)
+	}
 	if c.opts.Pods != nil && v != nil {
 		buf.Write(v.infoText)
+	}
+	if u != nil {
+		u.writePods(buf)
 	}
 	var num [32]byte
 	line := func(name, collector string, x float64) {
@@ -265,6 +307,29 @@ func (c *Collector) WriteText(buf *bytes.Buffer) {
 	if c.opts.Pods != nil {
 		line(scrapeOKName, collectorPodInfo, b2f(v != nil))
 	}
+}
+
+// writePodSeries writes per-pod entry j of a DCGM family (FB_USED,
+// GPU_UTIL), if its device is servable and the value exists.
+func (c *Collector) writePodSeries(buf *bytes.Buffer, m *dcgmMetric, snap *Snapshot, u *usageView, j int, servable []bool, wrote *bool) {
+	p := &snap.Usage.Pods[j]
+	if !servable[p.Target] {
+		return
+	}
+	x, ok := podValue(m.field, p)
+	if !ok {
+		return
+	}
+	if !*wrote {
+		buf.Write(m.header)
+		*wrote = true
+	}
+	var num [32]byte
+	buf.WriteString(m.name)
+	buf.Write(u.dcgmText[j])
+	buf.WriteByte(' ')
+	buf.Write(appendFloat(num[:0], x))
+	buf.WriteByte('\n')
 }
 
 var scrapeHeaders = [2][]byte{header(scrapeDurName, scrapeDurHelp, "gauge"), header(scrapeOKName, scrapeOKHelp, "gauge")}
@@ -321,7 +386,7 @@ func (c *Collector) viewFor(layout *Layout, pods *podresources.Snapshot) *view {
 
 func (c *Collector) buildView(layout *Layout, pods *podresources.Snapshot) *view {
 	n := len(layout.Targets)
-	v := &view{layout: layout, pods: pods, labels: make([][]*dto.LabelPair, n), text: make([][]byte, n), order: make([]int, n)}
+	v := &view{layout: layout, pods: pods, labels: make([][]*dto.LabelPair, n), base: make([]labelSet, n), text: make([][]byte, n), order: make([]int, n)}
 	driver := ""
 	if layout.Inventory != nil {
 		driver = layout.Inventory.DriverVersion
@@ -351,6 +416,7 @@ func (c *Collector) buildView(layout *Layout, pods *podresources.Snapshot) *view
 		if c.driver != "" {
 			lp.add(c.driver, driver)
 		}
+		v.base[i] = slices.Clone(lp)
 		holders := pods.Holders(t.Key)
 		// A device one container holds carries its pod, as dcgm-exporter
 		// labels it; a shared one carries none (its values belong to the

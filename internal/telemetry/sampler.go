@@ -44,6 +44,20 @@ type SamplerOptions struct {
 	// the unit's UUID (the daemon hands GPU_IS_LOST to the health monitor).
 	// It is called from the sampling loop: keep it quick.
 	OnDeviceError func(key string, err error)
+	// Attributor, if set, turns on per-pod accounting: every round also
+	// lists each device's compute processes (through NVML, also while
+	// DCGM serves the fields), and the Attributor's answer is published
+	// with the round's snapshot. It runs in the sampling loop, never in a
+	// scrape.
+	Attributor Attributor
+}
+
+// Attributor attributes a round's processes to pods (package podusage).
+type Attributor interface {
+	// Attribute returns the per-pod use in snap, whose Devices carry the
+	// processes. It is called from the sampling loop, one round at a
+	// time, before snap is published; it must not keep snap.
+	Attribute(snap *Snapshot) *Usage
 }
 
 // Sampler reads every device once per interval and publishes immutable
@@ -233,7 +247,8 @@ func (s *Sampler) sample(ctx context.Context, inv *nvml.Inventory, layout *Layou
 	if len(out) == 0 {
 		return nil
 	}
-	req := &Request{Inventory: inv, Targets: layout.Targets, Fields: s.fields, Out: out}
+	procs := s.opts.Attributor != nil
+	req := &Request{Inventory: inv, Targets: layout.Targets, Fields: s.fields, Processes: procs, Out: out}
 	rctx, cancel := context.WithTimeout(ctx, s.opts.RoundTimeout)
 	defer cancel()
 	err := s.active.Sample(rctx, req)
@@ -242,6 +257,9 @@ func (s *Sampler) sample(ctx context.Context, inv *nvml.Inventory, layout *Layou
 	}
 	if err == nil {
 		s.primaryOK = true
+		if procs && s.opts.Backends.Fallback != nil {
+			s.sampleProcesses(rctx, req)
+		}
 		return nil
 	}
 	// DCGM failed as a whole (connection lost, or a call that keeps
@@ -253,6 +271,22 @@ func (s *Sampler) sample(ctx context.Context, inv *nvml.Inventory, layout *Layou
 	}
 	clear(out)
 	return s.active.Sample(rctx, req)
+}
+
+// sampleProcesses lists the processes through the fallback (NVML) while
+// the primary (DCGM, which has no per-process list we use) serves the
+// fields, and adds them to req.Out.
+func (s *Sampler) sampleProcesses(ctx context.Context, req *Request) {
+	out := make([]Result, len(req.Out))
+	preq := &Request{Inventory: req.Inventory, Targets: req.Targets, Processes: true, Out: out}
+	if err := s.opts.Backends.Fallback.Sample(ctx, preq); err != nil {
+		return
+	}
+	for i := range out {
+		if out[i].Err == nil && out[i].ProcsRead {
+			req.Out[i].Procs, req.Out[i].ProcsRead, req.Out[i].ProcUtil = out[i].Procs, true, out[i].ProcUtil
+		}
+	}
 }
 
 var errNoBackend = errors.New("no telemetry backend available (DCGM not connected and NVML not available)")
@@ -375,6 +409,7 @@ func (s *Sampler) publish(layout *Layout, out []Result, start, end time.Time) {
 		}
 		if r.Err == nil {
 			d.Values, d.At = r.Values, end
+			d.Procs, d.ProcsRead, d.ProcUtil = r.Procs, r.ProcsRead, r.ProcUtil
 			if old != nil && old.Stale {
 				s.log.Info("telemetry sampling recovered", "gpu", t.GPU.Index, "uuid", t.Key)
 			}
@@ -392,6 +427,9 @@ func (s *Sampler) publish(layout *Layout, out []Result, start, end time.Time) {
 			s.log.Warn("telemetry sampling failing; last values are served for a while, then dropped",
 				"gpu", t.GPU.Index, "uuid", t.Key, "err", r.Err, "servedFor", s.opts.StaleAfter)
 		}
+	}
+	if s.opts.Attributor != nil {
+		snap.Usage = s.opts.Attributor.Attribute(snap)
 	}
 	s.snap.Store(snap)
 	s.lastRound.Store(end.UnixNano())
@@ -497,6 +535,8 @@ type Snapshot struct {
 	Backend string         // which backend took it
 	Taken   time.Time      // when the round finished
 	Round   uint64
+	// Usage is the per-pod accounting of this round; nil when it is off.
+	Usage *Usage
 }
 
 // DeviceSample is a device's latest values.
@@ -510,6 +550,11 @@ type DeviceSample struct {
 	Err   string // why the latest round failed
 	// Failures counts failed rounds since the sampler started.
 	Failures uint64
+	// Procs, ProcsRead and ProcUtil are this round's processes (see
+	// Result); a device that failed this round has none.
+	Procs     []Process
+	ProcsRead bool
+	ProcUtil  bool
 }
 
 // Servable reports whether the device's values may be served at now: it

@@ -172,6 +172,29 @@ config:
 			},
 		},
 		{
+			name:   "per-pod usage",
+			values: "perPodUsage: {enabled: true}",
+			policy: policy{apiAccess: true, hostPID: true},
+			kinds:  []string{"ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Service", "DaemonSet"},
+			check: func(t *testing.T, _ *Rendered, objs []Object, ds *appsv1.DaemonSet) {
+				c := ds.Spec.Template.Spec.Containers[0]
+				if v, _ := env(c, "GPU_PLUGIN_PER_POD_USAGE"); v != "true" {
+					t.Errorf("GPU_PLUGIN_PER_POD_USAGE=%q, want true", v)
+				}
+				cr := objectOf[*rbacv1.ClusterRole](t, objs)
+				got := map[string][]string{}
+				for _, rule := range cr.Rules {
+					for _, res := range rule.Resources {
+						got[res] = append(got[res], rule.Verbs...)
+					}
+				}
+				want := map[string][]string{"pods": {"get", "list", "watch"}}
+				if !reflect.DeepEqual(got, want) {
+					t.Errorf("ClusterRole grants %v, want exactly %v (nothing on nodes or events without nodeHealth or config.map)", got, want)
+				}
+			},
+		},
+		{
 			name:   "NodeFeature API",
 			values: "nodeFeatureAPI: true",
 			policy: policy{apiAccess: true},

@@ -88,6 +88,7 @@ type policy struct {
 	tls          bool
 	allowedCaps  []string // capabilities the container may add
 	apiAccess    bool     // nodeHealth.condition: the pod mounts its token
+	hostPID      bool     // perPodUsage: the pod shares the host's PID namespace
 	rawDaemonSet string   // the rendered YAML, for the comment checks
 }
 
@@ -115,8 +116,8 @@ func checkDaemonSetPolicy(t *testing.T, ds *appsv1.DaemonSet, p policy) {
 			t.Errorf("no toleration %s %s %s among %+v", want.Key, want.Operator, want.Effect, spec.Tolerations)
 		}
 	}
-	if spec.HostNetwork || spec.HostPID || spec.HostIPC {
-		t.Errorf("hostNetwork/hostPID/hostIPC = %v/%v/%v, want all false", spec.HostNetwork, spec.HostPID, spec.HostIPC)
+	if spec.HostNetwork || spec.HostPID != p.hostPID || spec.HostIPC {
+		t.Errorf("hostNetwork/hostPID/hostIPC = %v/%v/%v, want false/%v/false", spec.HostNetwork, spec.HostPID, spec.HostIPC, p.hostPID)
 	}
 	if !p.apiAccess && (spec.AutomountServiceAccountToken == nil || *spec.AutomountServiceAccountToken) {
 		t.Error("automountServiceAccountToken must be false: the daemon never calls the API server unless nodeHealth.condition is set")

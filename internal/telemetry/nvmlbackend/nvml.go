@@ -5,6 +5,9 @@
 // (memory temperature on GDDR parts, profiling before Hopper, utilization
 // on MIG) are left out, never reported as zero.
 //
+// With Request.Processes it also lists each target's compute processes,
+// with per-process SM utilization on whole GPUs (processes.go).
+//
 // Every call goes through the guarded nvml.Library. GPUs are read in
 // parallel, one goroutine each; a GPU whose call hangs is reported as
 // timed out and skipped, not waited for, until that call returns.
@@ -55,6 +58,7 @@ type gpuState struct {
 	unsupported map[string]telemetry.Mask
 	gpm         map[string]*gpmState // by target key; nil: GPM not supported
 	gpmChecked  bool
+	procs       procState // compute processes (processes.go)
 }
 
 // New builds the backend.
@@ -119,7 +123,7 @@ func (b *Backend) Sample(ctx context.Context, req *telemetry.Request) error {
 		}
 		go func() {
 			defer close(j.done)
-			b.readGPU(req.Inventory, st, targets, req.Fields, xids, j.res)
+			b.readGPU(req.Inventory, st, targets, req.Fields, req.Processes, xids, j.res)
 			b.mu.Lock()
 			st.busy = false
 			b.mu.Unlock()
@@ -179,6 +183,7 @@ func (b *Backend) prune(inv *nvml.Inventory) {
 			continue
 		}
 		b.freeGPM(st, keys)
+		st.procs.utilOff = false // a new inventory may have changed the MIG mode
 		for k := range st.unsupported {
 			if !keys[k] {
 				delete(st.unsupported, k)
@@ -226,8 +231,9 @@ func (r *reader) read(v *telemetry.Values, f telemetry.Field, op string, call fu
 	}
 }
 
-// readGPU reads a GPU and its MIG devices (targets all belong to one GPU).
-func (b *Backend) readGPU(inv *nvml.Inventory, st *gpuState, targets []telemetry.Target, fields telemetry.Mask, xids map[int]uint64, out []telemetry.Result) {
+// readGPU reads a GPU and its MIG devices (targets all belong to one GPU),
+// and their compute processes when procs is set.
+func (b *Backend) readGPU(inv *nvml.Inventory, st *gpuState, targets []telemetry.Target, fields telemetry.Mask, procs bool, xids map[int]uint64, out []telemetry.Result) {
 	g := targets[0].GPU
 	h, ok := inv.Handle(g.UUID)
 	if !ok {
@@ -253,26 +259,33 @@ func (b *Backend) readGPU(inv *nvml.Inventory, st *gpuState, targets []telemetry
 		}
 		return
 	}
+	var pr procRound
 	for k := range targets {
 		t := &targets[k]
 		out[k].Values = dev
-		if t.MIG == nil {
-			b.readGPMInto(st, h, t, &out[k].Values, fields)
-			continue
-		}
-		mh, ok := inv.Handle(t.MIG.UUID)
-		if !ok {
-			out[k].Err = fmt.Errorf("no NVML handle for MIG device %s", t.MIG.UUID)
-			continue
-		}
-		mr := &reader{lib: b.lib, skip: st.unsupported[t.Key]}
-		readMemory(mr, mh, &out[k].Values, fields)
-		st.unsupported[t.Key] = mr.skip | mr.unsup
-		if mr.err != nil {
-			out[k].Err = mr.err
-			continue
+		th := h // the target's own handle, which lists its processes
+		if t.MIG != nil {
+			mh, ok := inv.Handle(t.MIG.UUID)
+			if !ok {
+				out[k].Err = fmt.Errorf("no NVML handle for MIG device %s", t.MIG.UUID)
+				continue
+			}
+			mr := &reader{lib: b.lib, skip: st.unsupported[t.Key]}
+			readMemory(mr, mh, &out[k].Values, fields)
+			st.unsupported[t.Key] = mr.skip | mr.unsup
+			if mr.err != nil {
+				out[k].Err = mr.err
+				continue
+			}
+			th = mh
 		}
 		b.readGPMInto(st, h, t, &out[k].Values, fields)
+		if procs {
+			b.readProcs(st, th, t, &out[k], &pr)
+		}
+	}
+	if procs {
+		b.endProcRound(st, g, &pr)
 	}
 }
 

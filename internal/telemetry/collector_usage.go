@@ -1,0 +1,237 @@
+package telemetry
+
+import (
+	"bytes"
+	"slices"
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+)
+
+// Per-pod accounting families (--per-pod-usage), in base units.
+const (
+	PodMemoryName          = "gpu_plugin_pod_gpu_memory_used_bytes"
+	PodSMUtilName          = "gpu_plugin_pod_gpu_sm_utilization_ratio"
+	PodProcessesName       = "gpu_plugin_pod_gpu_processes"
+	UnattributedMemoryName = "gpu_plugin_gpu_unattributed_memory_used_bytes"
+	UnattributedSMUtilName = "gpu_plugin_gpu_unattributed_sm_utilization_ratio"
+	UnattributedProcsName  = "gpu_plugin_gpu_unattributed_processes"
+	// LabelPodUID is the pod's UID on per-pod series, as dcgm-exporter
+	// names it.
+	LabelPodUID = "pod_uid"
+)
+
+// usageFamily is one gpu_plugin_* family of per-pod or unattributed use.
+type usageFamily struct {
+	name   string
+	header []byte
+	desc   *prometheus.Desc
+	value  func(*UnitUsage) (float64, bool)
+}
+
+func newUsageFamily(name, help string, value func(*UnitUsage) (float64, bool)) usageFamily {
+	return usageFamily{name: name, header: header(name, help, "gauge"), desc: prometheus.NewDesc(name, help, nil, nil), value: value}
+}
+
+func memoryOf(u *UnitUsage) (float64, bool) { return float64(u.MemoryBytes), true }
+func smOf(u *UnitUsage) (float64, bool)     { return u.SMUtil / 100, u.HasSMUtil }
+func procsOf(u *UnitUsage) (float64, bool)  { return float64(u.Processes), true }
+
+// The families, each list sorted by name as expositions are.
+var (
+	podFamilies = []usageFamily{
+		newUsageFamily(PodMemoryName, "Framebuffer memory the container's processes use on the GPU or MIG device (per-pod accounting; 0 for an allocated container running nothing there).", memoryOf),
+		newUsageFamily(PodProcessesName, "Compute processes the container runs on the GPU or MIG device.", procsOf),
+		newUsageFamily(PodSMUtilName, "SM utilization of the container's processes on the GPU, 0-1, from their latest NVML samples (not on MIG devices: NVML has no per-process utilization there).", smOf),
+	}
+	unattributedFamilies = []usageFamily{
+		newUsageFamily(UnattributedMemoryName, "Framebuffer memory used by processes on the device that belong to no pod allocated it (host processes, pods with NVIDIA_VISIBLE_DEVICES=all).", memoryOf),
+		newUsageFamily(UnattributedProcsName, "Compute processes on the device that belong to no pod allocated it.", procsOf),
+		newUsageFamily(UnattributedSMUtilName, "SM utilization, 0-1, of processes on the GPU that belong to no pod allocated it.", smOf),
+	}
+)
+
+// usageView is a snapshot's per-pod series, labelled: built once per
+// snapshot, by the first scrape that sees it.
+type usageView struct {
+	snap *Snapshot
+	v    *view
+	// Per Usage.Pods entry: the gpu_plugin_pod_* labels, and the DCGM
+	// labels (the device's, without single-holder pod labels, plus the
+	// pod's), each with its rendering.
+	own, dcgm         [][]*dto.LabelPair
+	ownText, dcgmText [][]byte
+	un                [][]*dto.LabelPair // per Usage.Unattributed entry
+	unText            [][]byte
+	// mixed orders a DCGM family's device series and per-pod series
+	// together, as a registry sorts them: >= 0 a device index, < 0 the
+	// per-pod entry -k-1.
+	mixed []int
+}
+
+// usageViewFor returns snap's usage view, building it on first use.
+func (c *Collector) usageViewFor(snap *Snapshot, v *view) *usageView {
+	if snap.Usage == nil || v == nil {
+		return nil
+	}
+	if u := c.uview.Load(); u != nil && u.snap == snap && u.v == v {
+		return u
+	}
+	u := c.buildUsageView(snap, v)
+	c.uview.Store(u)
+	return u
+}
+
+func (c *Collector) buildUsageView(snap *Snapshot, v *view) *usageView {
+	use := snap.Usage
+	u := &usageView{snap: snap, v: v}
+	targets := snap.Layout.Targets
+	for k := range use.Pods {
+		p := &use.Pods[k]
+		t := &targets[p.Target]
+		var own labelSet
+		own.add(LabelNamespace, p.Namespace)
+		own.add(LabelPod, p.Pod)
+		own.add(LabelPodUID, p.PodUID)
+		own.add(LabelContainer, p.Container)
+		c.addUnitLabels(&own, t)
+		u.own = append(u.own, own.sorted())
+		u.ownText = append(u.ownText, render(own))
+
+		dcgm := slices.Clone(v.base[p.Target])
+		dcgm.add(LabelNamespace, p.Namespace)
+		dcgm.add(LabelPod, p.Pod)
+		dcgm.add(LabelPodUID, p.PodUID)
+		dcgm.add(LabelContainer, p.Container)
+		u.dcgm = append(u.dcgm, dcgm.sorted())
+		u.dcgmText = append(u.dcgmText, render(dcgm))
+	}
+	for k := range use.Unattributed {
+		var lp labelSet
+		c.addUnitLabels(&lp, &targets[use.Unattributed[k].Target])
+		u.un = append(u.un, lp.sorted())
+		u.unText = append(u.unText, render(lp))
+	}
+	u.mixed = make([]int, 0, len(v.order)+len(use.Pods))
+	u.mixed = append(u.mixed, v.order...)
+	for k := range use.Pods {
+		u.mixed = append(u.mixed, -k-1)
+	}
+	labels := func(i int) []*dto.LabelPair {
+		if i >= 0 {
+			return v.labels[i]
+		}
+		return u.dcgm[-i-1]
+	}
+	slices.SortStableFunc(u.mixed, func(a, b int) int { return compareLabels(labels(a), labels(b)) })
+	return u
+}
+
+// addUnitLabels adds a device's identifying labels to a per-pod or
+// unattributed series.
+func (c *Collector) addUnitLabels(lp *labelSet, t *Target) {
+	lp.add(LabelGPU, gpuLabel(t.GPU))
+	lp.add(LabelUUID, t.GPU.UUID)
+	if t.MIG != nil {
+		lp.add(LabelGIProfile, t.MIG.Profile)
+		lp.add(LabelGIID, strconv.Itoa(t.MIG.GPUInstanceID))
+	}
+	if c.opts.Hostname != "" {
+		lp.add(LabelHostname, c.opts.Hostname)
+	}
+}
+
+// podValue is a DCGM family's per-pod value, in the family's unit:
+// DCGM_FI_DEV_FB_USED in MiB, DCGM_FI_DEV_GPU_UTIL in percent, as
+// dcgm-exporter's per-pod series (--kubernetes-virtual-gpus) are.
+func podValue(f Field, p *PodUsage) (float64, bool) {
+	switch f {
+	case FBUsed:
+		return float64(p.MemoryBytes) / (1 << 20), true
+	case GPUUtil:
+		return p.SMUtil, p.HasSMUtil
+	}
+	return 0, false
+}
+
+// hasPodSeries reports whether a DCGM field gets per-pod series.
+func hasPodSeries(f Field) bool { return f == FBUsed || f == GPUUtil }
+
+// writeUnattributed and writePods append the gpu_plugin_gpu_unattributed_*
+// and gpu_plugin_pod_gpu_* families (which sort apart in an exposition).
+func (u *usageView) writeUnattributed(buf *bytes.Buffer) {
+	un := u.snap.Usage.Unattributed
+	writeFamilies(buf, unattributedFamilies, func(k int) *UnitUsage { return &un[k] }, u.unText, sortedBy(u.un))
+}
+
+func (u *usageView) writePods(buf *bytes.Buffer) {
+	pods := u.snap.Usage.Pods
+	writeFamilies(buf, podFamilies, func(k int) *UnitUsage { return &pods[k].UnitUsage }, u.ownText, sortedBy(u.own))
+}
+
+func writeFamilies(buf *bytes.Buffer, fams []usageFamily, unit func(k int) *UnitUsage, text [][]byte, order []int) {
+	var num [32]byte
+	for _, f := range fams {
+		wrote := false
+		for _, k := range order {
+			x, ok := f.value(unit(k))
+			if !ok {
+				continue
+			}
+			if !wrote {
+				buf.Write(f.header)
+				wrote = true
+			}
+			buf.WriteString(f.name)
+			buf.Write(text[k])
+			buf.WriteByte(' ')
+			buf.Write(appendFloat(num[:0], x))
+			buf.WriteByte('\n')
+		}
+	}
+}
+
+// sortedBy is the indices of label sets in a registry's series order.
+func sortedBy(sets [][]*dto.LabelPair) []int {
+	order := make([]int, len(sets))
+	for i := range order {
+		order[i] = i
+	}
+	slices.SortStableFunc(order, func(a, b int) int { return compareLabels(sets[a], sets[b]) })
+	return order
+}
+
+// collectUsage sends the per-pod families to a registry.
+func (u *usageView) collectUsage(ch chan<- prometheus.Metric) {
+	use := u.snap.Usage
+	for _, f := range podFamilies {
+		for k := range use.Pods {
+			if x, ok := f.value(&use.Pods[k].UnitUsage); ok {
+				ch <- &usageSeries{desc: f.desc, labels: u.own[k], value: x}
+			}
+		}
+	}
+	for _, f := range unattributedFamilies {
+		for k := range use.Unattributed {
+			if x, ok := f.value(&use.Unattributed[k]); ok {
+				ch <- &usageSeries{desc: f.desc, labels: u.un[k], value: x}
+			}
+		}
+	}
+}
+
+// usageSeries is one gauge sample with pre-built labels.
+type usageSeries struct {
+	desc   *prometheus.Desc
+	labels []*dto.LabelPair
+	value  float64
+}
+
+func (s *usageSeries) Desc() *prometheus.Desc { return s.desc }
+
+func (s *usageSeries) Write(out *dto.Metric) error {
+	out.Label = s.labels
+	out.Gauge = &dto.Gauge{Value: &s.value}
+	return nil
+}

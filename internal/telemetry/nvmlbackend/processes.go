@@ -1,0 +1,111 @@
+package nvmlbackend
+
+import (
+	"cmp"
+	"slices"
+
+	gonvml "github.com/NVIDIA/go-nvml/pkg/nvml"
+
+	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
+	"github.com/gpu-plugin/gpu-plugin/internal/telemetry"
+)
+
+// Compute processes, for per-pod accounting (Request.Processes): each
+// target's processes from its own handle, a GPU's or a MIG device's, with
+// per-process SM utilization on whole GPUs. They are read in the GPU's
+// worker after its fields, so a hanging call is handled as a field read
+// is; a failure leaves the target's processes unread, never its fields.
+
+// procState is a GPU's process-reading state, owned by its worker.
+type procState struct {
+	// lastSeen is the newest utilization sample's timestamp (µs, CPU
+	// clock): a round asks only for samples newer than it, so each one is
+	// counted once. 0 until the first sample.
+	lastSeen uint64
+	// utilOff: NVML answered NOT_SUPPORTED for process utilization on this
+	// GPU; it is not asked again until the inventory changes.
+	utilOff bool
+	// failing: a process call failed and was logged; quiet until a round
+	// lists the GPU's processes without a failure.
+	failing bool
+}
+
+// procRound is what one round's process reads on a GPU came to.
+type procRound struct {
+	read int    // targets whose processes were read
+	err  error  // the first failure
+	key  string // the target it failed on
+}
+
+func (pr *procRound) fail(key string, err error) {
+	if pr.err == nil {
+		pr.err, pr.key = err, key
+	}
+}
+
+// readProcs lists a target's compute processes on its handle h (the GPU's
+// for a whole GPU, the MIG device's for a MIG device) and, on a whole GPU
+// not in MIG mode, their SM utilization since the previous round.
+func (b *Backend) readProcs(st *gpuState, h gonvml.Device, t *telemetry.Target, res *telemetry.Result, pr *procRound) {
+	infos, err := nvml.ComputeProcesses(b.lib, h)
+	if err != nil {
+		pr.fail(t.Key, err)
+		return
+	}
+	procs := make([]telemetry.Process, len(infos))
+	for i, p := range infos {
+		procs[i] = telemetry.Process{PID: p.PID, MemoryBytes: p.UsedMemory}
+	}
+	// By PID: a stable order, and samples are matched by binary search.
+	slices.SortFunc(procs, func(a, b telemetry.Process) int { return cmp.Compare(a.PID, b.PID) })
+
+	// NVML has no process utilization on MIG devices nor on MIG-enabled
+	// GPUs; there the processes carry memory only.
+	util := t.MIG == nil && !t.GPU.MIGEnabled && !st.procs.utilOff
+	if util {
+		samples, err := nvml.ProcessUtilization(b.lib, h, st.procs.lastSeen)
+		switch {
+		case err == nil:
+			st.procs.apply(procs, samples)
+		case nvml.IsNotSupported(err):
+			st.procs.utilOff = true
+			util = false
+			b.log.Debug("no per-process utilization on this GPU; processes carry memory only", "gpu", t.GPU.Index, "uuid", t.GPU.UUID, "err", err)
+		default:
+			pr.fail(t.Key, err)
+			return
+		}
+	}
+	res.Procs, res.ProcsRead, res.ProcUtil = procs, true, util
+	pr.read++
+}
+
+// apply gives each process the SM utilization of its newest sample and
+// advances lastSeen. A process without a new sample keeps 0: NVML samples
+// only processes that used the GPU.
+func (ps *procState) apply(procs []telemetry.Process, samples []nvml.ProcessSample) {
+	// Oldest first within a PID, so the newest is applied last.
+	slices.SortFunc(samples, func(a, b nvml.ProcessSample) int {
+		return cmp.Or(cmp.Compare(a.PID, b.PID), cmp.Compare(a.Timestamp, b.Timestamp))
+	})
+	for _, s := range samples {
+		ps.lastSeen = max(ps.lastSeen, s.Timestamp)
+		i, ok := slices.BinarySearchFunc(procs, s.PID, func(p telemetry.Process, pid uint32) int { return cmp.Compare(p.PID, pid) })
+		if ok {
+			procs[i].SMUtil = float64(s.SMUtil)
+		}
+	}
+}
+
+// endProcRound logs a GPU's first process failure, and its recovery, once.
+func (b *Backend) endProcRound(st *gpuState, g *nvml.GPU, pr *procRound) {
+	switch {
+	case pr.err != nil && !st.procs.failing:
+		st.procs.failing = true
+		b.log.Warn("cannot list the compute processes of a GPU; its per-process figures are missing until this works again "+
+			"(its other telemetry is unaffected)", "gpu", g.Index, "uuid", g.UUID, "device", pr.key, "err", pr.err)
+	case pr.err == nil && pr.read > 0 && st.procs.failing:
+		st.procs.failing = false
+		b.log.Info("compute processes of a GPU listed again", "gpu", g.Index, "uuid", g.UUID)
+	}
+}
