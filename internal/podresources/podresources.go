@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"os"
 	"slices"
 	"strings"
@@ -55,12 +56,15 @@ type Holder struct {
 }
 
 // Snapshot is the attribution at one moment: who holds each unit (GPU or
-// MIG UUID). Several holders share a time-sliced device. Immutable.
+// MIG UUID). Several holders share a time-sliced device. Immutable; a
+// refresh that finds the same holders keeps the same snapshot.
 type Snapshot struct {
 	ByUnit map[string][]Holder // holders sorted by namespace, pod, container
 	// Containers is how many containers hold at least one of our devices.
 	Containers int
-	Taken      time.Time
+	// Taken is when this attribution was first listed (Status.LastSuccess
+	// says when it was last confirmed).
+	Taken time.Time
 }
 
 // Holders returns who holds a unit.
@@ -244,14 +248,20 @@ func (c *Cache) refresh(ctx context.Context, client podresourcesv1.PodResourcesL
 		return
 	}
 	snap := c.build(resp)
-	c.snap.Store(snap)
+	if old := c.snap.Load(); old != nil && old.Containers == snap.Containers && maps.EqualFunc(old.ByUnit, snap.ByUnit, slices.Equal) {
+		// Unchanged: readers keep what they built for the snapshot they
+		// have (the collector's labelled view) instead of rebuilding it.
+		snap = old
+	} else {
+		c.snap.Store(snap)
+	}
 	defer c.changed.Notify()
 	c.mu.Lock()
 	prev := c.state
 	c.state = "ok"
 	c.st.Up, c.st.LastError = true, ""
 	c.st.Successes++
-	c.st.LastSuccess = snap.Taken
+	c.st.LastSuccess = c.opts.Now()
 	c.mu.Unlock()
 	if prev != "ok" {
 		c.log.Info("pod attribution from the kubelet's pod-resources API", "socket", c.opts.Socket,
@@ -268,6 +278,7 @@ func (c *Cache) failed(state string, err error) {
 	c.state = state
 	c.st.Up, c.st.LastError = false, err.Error()
 	c.st.Failures++
+	last := c.st.LastSuccess
 	c.mu.Unlock()
 	if prev != state {
 		if state == "missing" {
@@ -277,7 +288,7 @@ func (c *Cache) failed(state string, err error) {
 			c.log.Warn("pod-resources List failing: metrics are served without pod labels until it answers", "socket", c.opts.Socket, "err", err)
 		}
 	}
-	if old := c.snap.Load(); len(old.ByUnit) > 0 && c.opts.Now().Sub(old.Taken) > c.opts.MaxAge {
+	if old := c.snap.Load(); len(old.ByUnit) > 0 && c.opts.Now().Sub(last) > c.opts.MaxAge {
 		c.snap.Store(&Snapshot{ByUnit: map[string][]Holder{}, Taken: c.opts.Now()})
 	}
 }

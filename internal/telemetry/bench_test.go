@@ -58,21 +58,38 @@ func BenchmarkScrape(b *testing.B) {
 		profile string
 		pods    int
 		gzip    bool
+		perPod  bool // per-pod accounting: each pod runs a process
 	}{
-		{"dgx-h100", 0, false},
-		{"dgx-h100", 8, false},
-		{"dgx-h100", 8, true},
-		{"testdata/dgx-a100-56mig.yaml", 0, false},
-		{"testdata/dgx-a100-56mig.yaml", 100, false},
-		{"testdata/dgx-a100-56mig.yaml", 1000, false},
-		{"testdata/dgx-a100-56mig.yaml", 100, true},
+		{"dgx-h100", 0, false, false},
+		{"dgx-h100", 8, false, false},
+		{"dgx-h100", 8, true, false},
+		{"dgx-h100", 80, false, true},
+		{"testdata/dgx-a100-56mig.yaml", 0, false, false},
+		{"testdata/dgx-a100-56mig.yaml", 100, false, false},
+		{"testdata/dgx-a100-56mig.yaml", 1000, false, false},
+		{"testdata/dgx-a100-56mig.yaml", 100, true, false},
+		{"testdata/dgx-a100-56mig.yaml", 1000, false, true},
 	} {
-		b.Run(fmt.Sprintf("%s/pods=%d/gzip=%v", tc.profile, tc.pods, tc.gzip), func(b *testing.B) {
-			e := newSimEnv(b, tc.profile, envOptions{})
+		name := fmt.Sprintf("%s/pods=%d/gzip=%v", tc.profile, tc.pods, tc.gzip)
+		if tc.perPod {
+			name += "/per-pod"
+		}
+		b.Run(name, func(b *testing.B) {
+			var pp *perPodNode
+			opts := envOptions{}
+			if tc.perPod {
+				pp = newPerPodNode(b, tc.pods)
+				opts = pp.options()
+			}
+			e := newSimEnv(b, tc.profile, opts)
 			e.sample()
+			if pp != nil {
+				pp.place(b, e)
+			} else {
+				attribute(e, tc.pods)
+			}
 			e.clk.Advance(time.Second)
 			e.sample() // GPM has values from the second round
-			attribute(e, tc.pods)
 			reg := prometheus.NewRegistry()
 			reg.MustRegister(e.stats)
 			h := telemetry.Handler(reg, e.collector, nil)
@@ -131,9 +148,26 @@ func BenchmarkSamplerCPU(b *testing.B) {
 	if s, err := strconv.Atoi(os.Getenv("TELEMETRY_CPU_SECONDS")); err == nil && s > 0 {
 		secs = s
 	}
-	for _, profile := range []string{"dgx-h100", "testdata/dgx-a100-56mig.yaml"} {
-		b.Run(profile, func(b *testing.B) {
-			e := newSimEnv(b, profile, envOptions{})
+	for _, tc := range []struct {
+		profile string
+		procs   int // > 0: per-pod accounting, one pod per process
+	}{{"dgx-h100", 0}, {"testdata/dgx-a100-56mig.yaml", 0}, {"dgx-h100", 100}} {
+		name := tc.profile
+		if tc.procs > 0 {
+			name += fmt.Sprintf("/per-pod/processes=%d", tc.procs)
+		}
+		b.Run(name, func(b *testing.B) {
+			var pp *perPodNode
+			opts := envOptions{}
+			if tc.procs > 0 {
+				pp = newPerPodNode(b, tc.procs)
+				opts = pp.options()
+			}
+			e := newSimEnv(b, tc.profile, opts)
+			if pp != nil {
+				e.sample()
+				pp.place(b, e)
+			}
 			for b.Loop() {
 				before := rusage(b)
 				ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs)*time.Second)

@@ -501,15 +501,7 @@ func (c *Collector) podInfo(t *Target, h podresources.Holder) []*dto.LabelPair {
 	lp.add(LabelPod, h.Pod)
 	lp.add(LabelContainer, h.Container)
 	lp.add("resource", h.Resource)
-	lp.add(LabelGPU, gpuLabel(t.GPU))
-	lp.add(LabelUUID, t.GPU.UUID)
-	if t.MIG != nil {
-		lp.add(LabelGIProfile, t.MIG.Profile)
-		lp.add(LabelGIID, strconv.Itoa(t.MIG.GPUInstanceID))
-	}
-	if c.opts.Hostname != "" {
-		lp.add(LabelHostname, c.opts.Hostname)
-	}
+	c.addUnitLabels(&lp, t)
 	return lp.sorted()
 }
 

@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -439,10 +440,22 @@ func TestWriteTextMatchesRegistry(t *testing.T) {
 			}
 		}},
 		{"whole GPUs, no attribution", "dgx-h100", nil},
+		// Per-pod series beside the device series of DCGM_FI_DEV_FB_USED
+		// and GPU_UTIL, sorted in with them.
+		{"per-pod accounting, time-sliced and MIG", "dgx-a100-mig", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := newSimEnv(t, tc.profile, envOptions{})
+			var pp *perPodNode
+			opts := envOptions{}
+			if strings.HasPrefix(tc.name, "per-pod") {
+				pp = newPerPodNode(t, 30)
+				opts = pp.options()
+			}
+			e := newSimEnv(t, tc.profile, opts)
 			e.sample()
+			if pp != nil {
+				pp.place(t, e)
+			}
 			if tc.setup != nil {
 				tc.setup(t, e)
 			}
@@ -453,6 +466,9 @@ func TestWriteTextMatchesRegistry(t *testing.T) {
 			fast, slow := withoutScrapeFamilies(b.String()), withoutScrapeFamilies(formatAll(t, e.collector))
 			if fast != slow {
 				t.Errorf("WriteText differs from the registry's exposition\n--- WriteText\n%s\n--- registry\n%s", fast, slow)
+			}
+			if pp != nil && (!strings.Contains(fast, telemetry.PodMemoryName) || !regexp.MustCompile(`(?m)^DCGM_FI_DEV_GPU_UTIL\{.*pod_uid="0`).MatchString(fast)) {
+				t.Errorf("no per-pod series:\n%s", fast)
 			}
 			if !strings.Contains(b.String(), `gpu_plugin_scrape_collector_success{collector="dcgm"} 1`) {
 				t.Errorf("WriteText lacks the collector's success:\n%s", b.String())

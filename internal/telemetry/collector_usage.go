@@ -64,6 +64,8 @@ type usageView struct {
 	ownText, dcgmText [][]byte
 	un                [][]*dto.LabelPair // per Usage.Unattributed entry
 	unText            [][]byte
+	// ownOrder and unOrder are the entries in exposition order.
+	ownOrder, unOrder []int
 	// mixed orders a DCGM family's device series and per-pod series
 	// together, as a registry sorts them: >= 0 a device index, < 0 the
 	// per-pod entry -k-1.
@@ -78,9 +80,40 @@ func (c *Collector) usageViewFor(snap *Snapshot, v *view) *usageView {
 	if u := c.uview.Load(); u != nil && u.snap == snap && u.v == v {
 		return u
 	}
-	u := c.buildUsageView(snap, v)
+	prev := c.uview.Load()
+	var u *usageView
+	if prev != nil && prev.v == v && sameShape(prev.snap, snap) {
+		// The same pods on the same devices as the previous round (the
+		// usual case): only the values changed, the labels and orders
+		// hold.
+		u = &usageView{}
+		*u = *prev
+		u.snap = snap
+	} else {
+		u = c.buildUsageView(snap, v)
+	}
 	c.uview.Store(u)
 	return u
+}
+
+// sameShape reports whether two rounds have the same per-pod and
+// unattributed entries, by identity.
+func sameShape(a, b *Snapshot) bool {
+	if a.Layout != b.Layout || len(a.Usage.Pods) != len(b.Usage.Pods) || len(a.Usage.Unattributed) != len(b.Usage.Unattributed) {
+		return false
+	}
+	for i := range a.Usage.Pods {
+		x, y := &a.Usage.Pods[i], &b.Usage.Pods[i]
+		if x.Target != y.Target || x.Namespace != y.Namespace || x.Pod != y.Pod || x.PodUID != y.PodUID || x.Container != y.Container {
+			return false
+		}
+	}
+	for i := range a.Usage.Unattributed {
+		if a.Usage.Unattributed[i].Target != b.Usage.Unattributed[i].Target {
+			return false
+		}
+	}
+	return true
 }
 
 func (c *Collector) buildUsageView(snap *Snapshot, v *view) *usageView {
@@ -125,11 +158,12 @@ func (c *Collector) buildUsageView(snap *Snapshot, v *view) *usageView {
 		return u.dcgm[-i-1]
 	}
 	slices.SortStableFunc(u.mixed, func(a, b int) int { return compareLabels(labels(a), labels(b)) })
+	u.ownOrder, u.unOrder = sortedBy(u.own), sortedBy(u.un)
 	return u
 }
 
-// addUnitLabels adds a device's identifying labels to a per-pod or
-// unattributed series.
+// addUnitLabels adds a device's join labels (gpu, UUID, the MIG ones,
+// Hostname) to a series about the device's users.
 func (c *Collector) addUnitLabels(lp *labelSet, t *Target) {
 	lp.add(LabelGPU, gpuLabel(t.GPU))
 	lp.add(LabelUUID, t.GPU.UUID)
@@ -162,12 +196,12 @@ func hasPodSeries(f Field) bool { return f == FBUsed || f == GPUUtil }
 // and gpu_plugin_pod_gpu_* families (which sort apart in an exposition).
 func (u *usageView) writeUnattributed(buf *bytes.Buffer) {
 	un := u.snap.Usage.Unattributed
-	writeFamilies(buf, unattributedFamilies, func(k int) *UnitUsage { return &un[k] }, u.unText, sortedBy(u.un))
+	writeFamilies(buf, unattributedFamilies, func(k int) *UnitUsage { return &un[k] }, u.unText, u.unOrder)
 }
 
 func (u *usageView) writePods(buf *bytes.Buffer) {
 	pods := u.snap.Usage.Pods
-	writeFamilies(buf, podFamilies, func(k int) *UnitUsage { return &pods[k].UnitUsage }, u.ownText, sortedBy(u.own))
+	writeFamilies(buf, podFamilies, func(k int) *UnitUsage { return &pods[k].UnitUsage }, u.ownText, u.ownOrder)
 }
 
 func writeFamilies(buf *bytes.Buffer, fams []usageFamily, unit func(k int) *UnitUsage, text [][]byte, order []int) {

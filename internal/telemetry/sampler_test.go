@@ -36,6 +36,8 @@ type fakeBackend struct {
 	entered    chan struct{} // closed when a blocked Sample has started
 	closed     bool
 	lastFields telemetry.Mask // what the last request asked for
+	procs      bool           // lists processes when asked (NVML does, DCGM here does not)
+	procCalls  int            // requests that asked for processes
 }
 
 func (b *fakeBackend) Name() string { return b.name }
@@ -67,7 +69,16 @@ func (b *fakeBackend) Sample(_ context.Context, req *telemetry.Request) error {
 			req.Out[i].Err = err
 			continue
 		}
-		req.Out[i].Set(telemetry.GPUTemp, b.temp)
+		if req.Fields != 0 {
+			req.Out[i].Set(telemetry.GPUTemp, b.temp)
+		}
+		if req.Processes && b.procs {
+			req.Out[i].Procs = []telemetry.Process{{PID: uint32(100 + i), MemoryBytes: 1 << 20}}
+			req.Out[i].ProcsRead = true
+		}
+	}
+	if req.Processes {
+		b.procCalls++
 	}
 	return nil
 }
@@ -88,7 +99,7 @@ func (b *fakeBackend) set(f func(b *fakeBackend)) {
 func (b *fakeBackend) get() fakeBackend {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return fakeBackend{connects: b.connects, calls: b.calls, closed: b.closed, lastFields: b.lastFields}
+	return fakeBackend{connects: b.connects, calls: b.calls, closed: b.closed, lastFields: b.lastFields, procCalls: b.procCalls}
 }
 
 // fakeInventory is two whole GPUs and one with two MIG devices.
@@ -392,5 +403,64 @@ func TestSamplerReportsDeviceErrors(t *testing.T) {
 	e.sample()
 	if len(reported) != 0 {
 		t.Errorf("after the fault was cleared, reported %v", reported)
+	}
+}
+
+// attributorFunc is a telemetry.Attributor.
+type attributorFunc func(*telemetry.Snapshot) *telemetry.Usage
+
+func (f attributorFunc) Attribute(s *telemetry.Snapshot) *telemetry.Usage { return f(s) }
+
+// TestSamplerProcesses: with an Attributor the sampler asks for processes;
+// while DCGM serves the fields they come from the NVML fallback in a
+// processes-only request; the Attributor's answer is published with the
+// snapshot.
+func TestSamplerProcesses(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		primary bool
+	}{{"NVML serves", false}, {"DCGM serves the fields", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			clk := newClock()
+			fallback := &fakeBackend{name: "nvml", temp: 40, procs: true}
+			sel := telemetry.Selection{Configured: "auto", Fallback: fallback}
+			var primary *fakeBackend
+			if tc.primary {
+				primary = &fakeBackend{name: "dcgm", temp: 50}
+				sel.Primary = primary
+			}
+			usage := &telemetry.Usage{}
+			var seen []*telemetry.Snapshot
+			s := telemetry.NewSampler(telemetry.SamplerOptions{
+				Inventory: fakeInventory, Backends: sel, Now: clk.Now,
+				Attributor: attributorFunc(func(snap *telemetry.Snapshot) *telemetry.Usage {
+					seen = append(seen, snap)
+					return usage
+				}),
+			})
+			s.SampleOnce(context.Background())
+			snap := s.Snapshot()
+			if len(seen) != 1 || seen[0] != snap || snap.Usage != usage {
+				t.Fatalf("the Attributor saw %d snapshots; the published one carries %p, want %p", len(seen), snap.Usage, usage)
+			}
+			wantTemp := 40.0
+			if tc.primary {
+				wantTemp = 50
+				if got := primary.get(); got.procCalls != 1 {
+					t.Errorf("DCGM was asked for processes %d times; it serves fields only here", got.procCalls)
+				}
+				if got := fallback.get(); got.calls != 1 || got.lastFields != 0 || got.procCalls != 1 {
+					t.Errorf("NVML fallback: %d calls, last fields %b, %d process requests; want one processes-only request", got.calls, got.lastFields, got.procCalls)
+				}
+			}
+			for i, d := range snap.Devices {
+				if temp, _ := d.Get(telemetry.GPUTemp); temp != wantTemp {
+					t.Errorf("device %d: temperature %v, want %v", i, temp, wantTemp)
+				}
+				if !d.ProcsRead || len(d.Procs) != 1 || d.Procs[0].PID != uint32(100+i) {
+					t.Errorf("device %d: processes %+v (read %v), want pid %d", i, d.Procs, d.ProcsRead, 100+i)
+				}
+			}
+		})
 	}
 }

@@ -38,6 +38,9 @@ type envOptions struct {
 	// before runs after the inventory scan, before anything samples
 	// (to replace a mock function).
 	before func(*simEnv)
+	// attributor, if set, turns on per-pod accounting with what it
+	// returns for the environment.
+	attributor func(*simEnv) telemetry.Attributor
 }
 
 func newSimEnv(t testing.TB, profile string, o envOptions) *simEnv {
@@ -63,7 +66,12 @@ func newSimEnv(t testing.TB, profile string, o envOptions) *simEnv {
 	backend := nvmlbackend.New(nvmlbackend.Options{Lib: e.lib, XIDs: func() map[int]uint64 { return *e.xids.Load() }})
 	e.backend = backend
 	t.Cleanup(func() { backend.Close() })
+	var attr telemetry.Attributor
+	if o.attributor != nil {
+		attr = o.attributor(e)
+	}
 	e.sampler = telemetry.NewSampler(telemetry.SamplerOptions{
+		Attributor: attr,
 		Inventory: func() *nvml.Inventory { return e.inv },
 		Backends:  telemetry.Selection{Configured: "auto", Fallback: backend},
 		Metrics:   o.metrics, Interval: time.Second, RoundTimeout: o.roundTimeout, Now: e.clk.Now,

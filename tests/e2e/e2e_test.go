@@ -105,6 +105,7 @@ func TestNode(t *testing.T) {
 		{"3-time-slicing", s.timeSlicing},
 		{"3b-per-node-config", s.perNodeConfig},
 		{"3c-node-feature-api", s.nodeFeatureAPI},
+		{"3d-per-pod-usage", s.perPodUsage},
 		{"4-prometheus", s.prometheus},
 		{"5-health", s.health},
 		{"6-restarts", s.restarts},

@@ -14,7 +14,8 @@ import (
 // target's processes from its own handle, a GPU's or a MIG device's, with
 // per-process SM utilization on whole GPUs. They are read in the GPU's
 // worker after its fields, so a hanging call is handled as a field read
-// is; a failure leaves the target's processes unread, never its fields.
+// is; a failure leaves the target's processes unread (or, when only the
+// utilization call fails, without utilization), never its fields.
 
 // procState is a GPU's process-reading state, owned by its worker.
 type procState struct {
@@ -72,8 +73,10 @@ func (b *Backend) readProcs(st *gpuState, h gonvml.Device, t *telemetry.Target, 
 			util = false
 			b.log.Debug("no per-process utilization on this GPU; processes carry memory only", "gpu", t.GPU.Index, "uuid", t.GPU.UUID, "err", err)
 		default:
+			// The list is good: serve memory this round, without
+			// utilization, rather than nothing.
 			pr.fail(t.Key, err)
-			return
+			util = false
 		}
 	}
 	res.Procs, res.ProcsRead, res.ProcUtil = procs, true, util

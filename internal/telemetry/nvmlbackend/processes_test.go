@@ -255,8 +255,9 @@ func TestProcessesOnly(t *testing.T) {
 	}
 }
 
-// TestProcessFailureKeepsFields: a failing process call leaves the
-// target's processes unread and its field values as they are, and is
+// TestProcessFailureKeepsFields: a failing process list leaves the
+// target's processes unread (a failing utilization call, their
+// utilization) and its field values as they are, and is
 // logged once per GPU until the GPU's processes are listed again.
 func TestProcessFailureKeepsFields(t *testing.T) {
 	for _, tc := range []struct {
@@ -264,14 +265,15 @@ func TestProcessFailureKeepsFields(t *testing.T) {
 		gpu      int // dgx-a100-mig: 1 is MIG (4 devices), 5 whole
 		call     string
 		code     gonvml.Return
-		read     bool // processes still read (utilization turned off)
+		read     bool // processes still read, memory only
 		utilLeft bool // utilization still asked after the failure
+		warns    int  // warnings over the 3 failing rounds
 	}{
-		{"list fails", 5, "GetComputeRunningProcesses", gonvml.ERROR_UNKNOWN, false, true},
-		{"list: GPU lost", 5, "GetComputeRunningProcesses", gonvml.ERROR_GPU_IS_LOST, false, true},
-		{"utilization fails", 5, "GetProcessUtilization", gonvml.ERROR_UNKNOWN, false, true},
-		{"utilization not supported", 5, "GetProcessUtilization", gonvml.ERROR_NOT_SUPPORTED, true, false},
-		{"MIG list fails", 1, "GetComputeRunningProcesses", gonvml.ERROR_TIMEOUT, false, false},
+		{"list fails", 5, "GetComputeRunningProcesses", gonvml.ERROR_UNKNOWN, false, true, 1},
+		{"list: GPU lost", 5, "GetComputeRunningProcesses", gonvml.ERROR_GPU_IS_LOST, false, true, 1},
+		{"utilization fails", 5, "GetProcessUtilization", gonvml.ERROR_UNKNOWN, true, true, 1},
+		{"utilization not supported", 5, "GetProcessUtilization", gonvml.ERROR_NOT_SUPPORTED, true, false, 0},
+		{"MIG list fails", 1, "GetComputeRunningProcesses", gonvml.ERROR_TIMEOUT, false, false, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newProcEnv(t, "dgx-a100-mig")
@@ -307,8 +309,8 @@ func TestProcessFailureKeepsFields(t *testing.T) {
 				}
 			}
 			warned := e.logs.Count("cannot list the compute processes")
-			if want := map[bool]int{true: 0, false: 1}[tc.read]; warned != want {
-				t.Errorf("%d warnings over 3 rounds, want %d:\n%s", warned, want, e.logs)
+			if warned != tc.warns {
+				t.Errorf("%d warnings over 3 rounds, want %d:\n%s", warned, tc.warns, e.logs)
 			}
 			utilBefore := len(e.lastSeenOf(tc.gpu))
 			e.node.SetFault(tc.gpu, tc.call, gonvml.SUCCESS)

@@ -1,0 +1,113 @@
+package telemetry_test
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gpu-plugin/gpu-plugin/internal/podresources"
+	"github.com/gpu-plugin/gpu-plugin/internal/podusage"
+	"github.com/gpu-plugin/gpu-plugin/internal/sim"
+	"github.com/gpu-plugin/gpu-plugin/internal/telemetry"
+)
+
+// perPodNode turns on per-pod accounting for a benchmark: n pods, each
+// running one compute process, spread round-robin over the node's units
+// (time-sliced beyond one per unit), with a /proc of their cgroups.
+type perPodNode struct {
+	proc string
+	dir  *podusage.Directory
+	pods int
+}
+
+func newPerPodNode(tb testing.TB, pods int) *perPodNode {
+	return &perPodNode{proc: tb.TempDir(), dir: podusage.NewDirectory(), pods: pods}
+}
+
+// options are the environment's: an Accountant over its pod snapshot.
+func (p *perPodNode) options() envOptions {
+	return envOptions{attributor: func(e *simEnv) telemetry.Attributor {
+		return podusage.NewAccountant(podusage.Options{
+			Resolver: podusage.NewResolver(p.proc), Directory: p.dir,
+			Holders: func() *podresources.Snapshot { return e.pods.Load() },
+		})
+	}}
+}
+
+// place allocates the pods and starts their processes.
+func (p *perPodNode) place(tb testing.TB, e *simEnv) {
+	targets := e.sampler.Snapshot().Layout.Targets
+	by := map[string][]podresources.Holder{}
+	procs := map[int][]sim.Process{}
+	p.dir.MarkSynced()
+	for i := range p.pods {
+		t := targets[i%len(targets)]
+		uid := fmt.Sprintf("%08x-0000-4000-8000-000000000000", i)
+		name := fmt.Sprintf("job-%04d-0", i)
+		cid := strings.Repeat(fmt.Sprintf("%x", i%16), 64)
+		p.dir.Set(podusage.Pod{UID: uid, Namespace: "team", Name: name, Containers: map[string]string{cid: "main"}})
+		by[t.Key] = append(by[t.Key], podresources.Holder{Namespace: "team", Pod: name, Container: "main", Resource: "nvidia.com/gpu"})
+		pid := 1000 + i
+		dir := filepath.Join(p.proc, fmt.Sprint(pid))
+		must(tb, os.MkdirAll(dir, 0o755))
+		must(tb, os.WriteFile(filepath.Join(dir, "cgroup"), []byte("0::/kubepods/besteffort/pod"+uid+"/"+cid+"\n"), 0o644))
+		must(tb, os.WriteFile(filepath.Join(dir, "stat"), fmt.Appendf(nil, "%d (python) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 %d 0 0\n", pid, pid), 0o644))
+		sp := sim.Process{PID: uint32(pid), UsedMiB: 64, SMUtil: uint32(1 + i%20)}
+		if t.MIG != nil {
+			sp.MIG, sp.SMUtil = t.MIG.UUID, 0
+		}
+		procs[t.GPU.Index] = append(procs[t.GPU.Index], sp)
+	}
+	e.setPods(by)
+	for gpu, list := range procs {
+		must(tb, e.node.SetProcesses(gpu, list))
+	}
+}
+
+func must(tb testing.TB, err error) {
+	tb.Helper()
+	if err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// BenchmarkScrapeAfterRound is the first scrape after each sampling round
+// with per-pod accounting on: the one that labels the round's per-pod
+// series (later scrapes of the same round reuse them). The round itself
+// is not timed.
+//
+//	go test -run '^$' -bench ScrapeAfterRound -benchmem ./internal/telemetry/
+func BenchmarkScrapeAfterRound(b *testing.B) {
+	for _, tc := range []struct {
+		profile string
+		pods    int
+	}{{"dgx-h100", 80}, {"testdata/dgx-a100-56mig.yaml", 1000}} {
+		b.Run(fmt.Sprintf("%s/pods=%d", tc.profile, tc.pods), func(b *testing.B) {
+			pp := newPerPodNode(b, tc.pods)
+			e := newSimEnv(b, tc.profile, pp.options())
+			e.sample()
+			pp.place(b, e)
+			var buf bytes.Buffer
+			lat := make([]time.Duration, 0, 1024)
+			b.ReportAllocs()
+			for b.Loop() {
+				b.StopTimer()
+				e.clk.Advance(time.Second)
+				e.sample()
+				buf.Reset()
+				b.StartTimer()
+				start := time.Now()
+				e.collector.WriteText(&buf)
+				lat = append(lat, time.Since(start))
+			}
+			slices.Sort(lat)
+			b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
+			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
+		})
+	}
+}
