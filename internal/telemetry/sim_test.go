@@ -72,9 +72,9 @@ func newSimEnv(t testing.TB, profile string, o envOptions) *simEnv {
 	}
 	e.sampler = telemetry.NewSampler(telemetry.SamplerOptions{
 		Attributor: attr,
-		Inventory: func() *nvml.Inventory { return e.inv },
-		Backends:  telemetry.Selection{Configured: "auto", Fallback: backend},
-		Metrics:   o.metrics, Interval: time.Second, RoundTimeout: o.roundTimeout, Now: e.clk.Now,
+		Inventory:  func() *nvml.Inventory { return e.inv },
+		Backends:   telemetry.Selection{Configured: "auto", Fallback: backend},
+		Metrics:    o.metrics, Interval: time.Second, RoundTimeout: o.roundTimeout, Now: e.clk.Now,
 		OnDeviceError: o.onDeviceError,
 	})
 	e.pods.Store(&podresources.Snapshot{ByUnit: map[string][]podresources.Holder{}})
