@@ -22,7 +22,10 @@
 // configs picked by the node label (nodeconfig_test.go), 3c the node
 // labels as an NFD NodeFeature object (nodefeature_test.go), 4 Prometheus with
 // README's scrape job (a Prometheus built from the module in prometheus/,
-// since Debian's lacks kubernetes_sd), 5 health (XID 79 through the
+// since Debian's lacks kubernetes_sd), 4b per-pod accounting (perpod_test.go:
+// hostPID, three time-sliced pods whose real container PIDs are registered
+// on the simulated GPUs, their own series, a host process unattributed, the
+// per-pod autoscaling recipe evaluated in that Prometheus), 5 health (XID 79 through the
 // simulated node's /sim API; the GPUHealthy condition, Events, the taint
 // under a 1,000-XID storm and the service account's limits in
 // nodehealth_test.go), 6 kubelet and

@@ -70,6 +70,10 @@ type suite struct {
 	helm    *action.Configuration
 	timings []string
 
+	// promQuery asks scenario 4's Prometheus (nil if it did not run),
+	// which runs until the node shuts down.
+	promQuery func(q string) ([]map[string]string, error)
+
 	pluginPod *corev1.Pod // the plugin's pod once Ready
 	gpuPod    *corev1.Pod // scenario 2's running GPU pod
 	gpuUUIDs  []string    // the GPUs it got
@@ -105,8 +109,8 @@ func TestNode(t *testing.T) {
 		{"3-time-slicing", s.timeSlicing},
 		{"3b-per-node-config", s.perNodeConfig},
 		{"3c-node-feature-api", s.nodeFeatureAPI},
-		{"3d-per-pod-usage", s.perPodUsage},
 		{"4-prometheus", s.prometheus},
+		{"4b-per-pod-usage", s.perPodUsage},
 		{"5-health", s.health},
 		{"6-restarts", s.restarts},
 		{"7-uninstall", s.uninstall},
@@ -733,7 +737,7 @@ func (s *suite) prometheus(t *testing.T) {
 	n.startEnv(t, "prometheus", []string{"KUBERNETES_SERVICE_HOST=" + nodeIP, "KUBERNETES_SERVICE_PORT=" + apiPort},
 		bin, "--config.file="+filepath.Join(dir, "prometheus.yml"),
 		"--storage.tsdb.path="+filepath.Join(dir, "data"), "--web.listen-address="+addr, "--log.level=info")
-	t.Cleanup(func() { _ = n.stop("prometheus", 10*time.Second) })
+	// Stopped with the node: scenario 4b queries it too.
 
 	query := func(q string) ([]map[string]string, error) {
 		resp, err := http.Get("http://" + addr + "/api/v1/query?query=" + url.QueryEscape(q))
@@ -791,4 +795,5 @@ func (s *suite) prometheus(t *testing.T) {
 		}
 	}
 	t.Logf("Prometheus found the plugin through kubernetes_sd; DCGM_FI_DEV_GPU_UTIL of %v carries pod=%s namespace=default container=main", s.gpuUUIDs, s.gpuPod.Name)
+	s.promQuery = query
 }

@@ -637,7 +637,7 @@ func gpuLimit(n int64) corev1.ResourceRequirements {
 // namespace when the test binary exits.
 func (n *node) shutdown(t *testing.T) {
 	var errs []error
-	for _, name := range []string{"kubelet", "kube-scheduler", "kube-controller-manager", "containerd", "kube-apiserver", "etcd"} {
+	for _, name := range []string{"prometheus", "kubelet", "kube-scheduler", "kube-controller-manager", "containerd", "kube-apiserver", "etcd"} {
 		if err := n.stop(name, 20*time.Second); err != nil {
 			errs = append(errs, err)
 		}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math"
 	"net/http"
 	"os"
 	"os/exec"
@@ -12,15 +13,18 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"text/template"
 	"time"
 
+	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
+	"sigs.k8s.io/yaml"
 )
 
-// perPodUsage (scenario 3d): with perPodUsage.enabled and time-slicing,
-// three pods each get a replica; their containers' real PIDs (sleep, in
+// perPodUsage (scenario 4b): with perPodUsage.enabled and time-slicing,
+// three pods each get a replica (a time-sliced "Deployment" of 3 pods); their containers' real PIDs (sleep, in
 // the real kubelet's cgroups) are registered as compute processes on the
 // simulated GPUs, with a host process beside them. The plugin, now with
 // hostPID, must name each pod from its process's cgroup and the API
@@ -34,7 +38,7 @@ func (s *suite) perPodUsage(t *testing.T) {
 		t.Fatal("perPodUsage.enabled: the plugin pod does not share the host's PID namespace")
 	}
 	s.waitAllocatable(t, 4*nodeGPUs, "allocatable 32, time-sliced, per-pod usage on")
-	s.timed("3d perPodUsage → new plugin pod Ready, allocatable 32", time.Since(t0))
+	s.timed("4b perPodUsage → new plugin pod Ready, allocatable 32", time.Since(t0))
 
 	c := s.n.client
 	type user struct {
@@ -91,7 +95,11 @@ func (s *suite) perPodUsage(t *testing.T) {
 	}
 	want[fmt.Sprintf(`gpu_plugin_gpu_unattributed_memory_used_bytes{Hostname="%s",UUID="%s",gpu="%d"}`, nodeName, users[0].gpu, indexOf(t, uuids, users[0].gpu))] = num(300 << 20)
 	s.waitMetrics(t, "each pod's own use, and the host process unattributed", want)
-	s.timed("3d processes registered → per-pod series served", time.Since(t1))
+	s.timed("4b processes registered → per-pod series served", time.Since(t1))
+
+	s.perPodAutoscaling(t, users[0].pod.Namespace, []string{users[0].name, users[1].name, users[2].name},
+		map[string]float64{"usage-0": 10, "usage-1": 20, "usage-2": 30},
+		map[string]float64{"usage-0": 1000 << 20, "usage-1": 2000 << 20, "usage-2": 3000 << 20})
 
 	// Scenario 2's pod holds two GPUs and runs nothing on them: 0.
 	metrics := string(s.pluginDo(t, http.MethodGet, "/metrics"))
@@ -115,7 +123,7 @@ func (s *suite) perPodUsage(t *testing.T) {
 	if err != nil {
 		t.Fatalf("pod %s's series still served a minute after its deletion", gone.name)
 	}
-	s.timed("3d pod deleted → its series gone", time.Since(t2))
+	s.timed("4b pod deleted → its series gone", time.Since(t2))
 
 	for _, u := range users {
 		_ = c.CoreV1().Pods("default").Delete(ctx, u.name, metav1.DeleteOptions{})
@@ -213,4 +221,139 @@ func indexOf(t *testing.T, uuids []string, uuid string) int {
 	}
 	t.Fatalf("%q is not one of the node's GPUs %v", uuid, uuids)
 	return -1
+}
+
+// perPodAutoscaling evaluates deployments/autoscaling/per-pod in scenario
+// 4's Prometheus: each adapter rule as prometheus-adapter renders it for
+// the pods (one value per pod), the KEDA trigger aimed at them (one sample,
+// the sum), and the HPA accepted by the API server.
+func (s *suite) perPodAutoscaling(t *testing.T, ns string, pods []string, smPercent, memBytes map[string]float64) {
+	t.Helper()
+	if s.promQuery == nil {
+		t.Log("scenario 4 did not run Prometheus: the per-pod autoscaling queries are not evaluated")
+		return
+	}
+	t0 := time.Now()
+	var cfg struct {
+		Rules []struct {
+			Name struct {
+				Matches string `json:"matches"`
+				As      string `json:"as"`
+			} `json:"name"`
+			MetricsQuery string `json:"metricsQuery"`
+		} `json:"rules"`
+	}
+	readYAML(t, "deployments/autoscaling/per-pod/prometheus-adapter.yaml", &cfg)
+	want := map[string]map[string]float64{"gpu_sm_utilization": smPercent, "gpu_process_memory_used_bytes": memBytes}
+	if len(cfg.Rules) != len(want) {
+		t.Fatalf("per-pod adapter rules %d, want %d (%v)", len(cfg.Rules), len(want), want)
+	}
+	for _, r := range cfg.Rules {
+		exp, ok := want[r.Name.As]
+		if !ok {
+			t.Fatalf("no expected values for the adapter metric %s", r.Name.As)
+		}
+		tmpl := template.Must(template.New(r.Name.As).Delims("<<", ">>").Parse(r.MetricsQuery))
+		var q strings.Builder
+		err := tmpl.Execute(&q, map[string]any{
+			"Series":        strings.TrimSuffix(strings.TrimPrefix(r.Name.Matches, "^"), "$"),
+			"LabelMatchers": fmt.Sprintf("namespace=%q,pod=~%q", ns, strings.Join(pods, "|")),
+			"GroupBy":       "pod",
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.waitQuery(t, r.Name.As, q.String(), func(res []map[string]string) string {
+			got := map[string]float64{}
+			for _, m := range res {
+				v, _ := strconv.ParseFloat(m["__value__"], 64)
+				got[m["pod"]] = v
+			}
+			for pod, v := range exp {
+				if g, ok := got[pod]; !ok || math.Abs(g-v) > 1e-6*math.Max(1, v) {
+					return fmt.Sprintf("got %v, want %v", got, exp)
+				}
+			}
+			if len(got) != len(exp) {
+				return fmt.Sprintf("got %v, want %v", got, exp)
+			}
+			return ""
+		})
+	}
+
+	// KEDA: the trigger's one sample, aimed at these pods.
+	var so struct {
+		Spec struct {
+			Triggers []struct {
+				Name     string            `json:"name"`
+				Metadata map[string]string `json:"metadata"`
+			} `json:"triggers"`
+		} `json:"spec"`
+	}
+	readYAML(t, "deployments/autoscaling/per-pod/keda-scaledobject.yaml", &so)
+	const aim = `namespace="llm",pod=~"vllm-[a-z0-9]+-[a-z0-9]+"`
+	var sum float64
+	for _, v := range smPercent {
+		sum += v
+	}
+	for _, tr := range so.Spec.Triggers {
+		if tr.Name != "gpu-utilization" {
+			continue
+		}
+		q := tr.Metadata["query"]
+		if !strings.Contains(q, aim) {
+			t.Fatalf("the KEDA query does not select the Deployment's pods with %s:\n%s", aim, q)
+		}
+		q = strings.ReplaceAll(q, aim, fmt.Sprintf("namespace=%q,pod=~%q", ns, strings.Join(pods, "|")))
+		s.waitQuery(t, "KEDA gpu-utilization", q, func(res []map[string]string) string {
+			if len(res) != 1 {
+				return fmt.Sprintf("want one sample, got %v", res)
+			}
+			if v, _ := strconv.ParseFloat(res[0]["__value__"], 64); math.Abs(v-sum) > 1e-6 {
+				return fmt.Sprintf("got %v, want %g", res, sum)
+			}
+			return ""
+		})
+	}
+
+	// The HPA, as the API server takes it (in this namespace).
+	var hpa autoscalingv2.HorizontalPodAutoscaler
+	readYAML(t, "deployments/autoscaling/per-pod/hpa.yaml", &hpa)
+	hpa.Namespace = ns
+	ctx := context.Background()
+	if _, err := s.n.client.AutoscalingV2().HorizontalPodAutoscalers(ns).Create(ctx, &hpa, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("the API server refuses deployments/autoscaling/per-pod/hpa.yaml: %v", err)
+	}
+	_ = s.n.client.AutoscalingV2().HorizontalPodAutoscalers(ns).Delete(ctx, hpa.Name, metav1.DeleteOptions{})
+	s.timed("4b per-pod autoscaling queries right in Prometheus", time.Since(t0))
+}
+
+// waitQuery polls Prometheus until check passes on q's result ("" = pass).
+func (s *suite) waitQuery(t *testing.T, what, q string, check func([]map[string]string) string) {
+	t.Helper()
+	last := ""
+	err := wait.PollUntilContextTimeout(context.Background(), 500*time.Millisecond, 60*time.Second, true, func(context.Context) (bool, error) {
+		res, err := s.promQuery(q)
+		if err != nil {
+			last = err.Error()
+			return false, nil
+		}
+		last = check(res)
+		return last == "", nil
+	})
+	if err != nil {
+		t.Fatalf("%s in Prometheus: %s\nquery:\n%s", what, last, q)
+	}
+}
+
+// readYAML decodes a file of the repository.
+func readYAML(t *testing.T, rel string, v any) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(repoRoot(), rel))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := yaml.Unmarshal(b, v); err != nil {
+		t.Fatalf("%s: %v", rel, err)
+	}
 }
