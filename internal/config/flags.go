@@ -403,6 +403,9 @@ func (c *Config) validateOptions(opts []Option) error {
 			return err
 		}
 	}
+	if c.Telemetry.PerPodDCGMSeries && !c.Telemetry.PerPodUsage {
+		return fmt.Errorf("per-pod-dcgm-series: needs --per-pod-usage (GPU_PLUGIN_PER_POD_USAGE=true), which measures what each pod uses")
+	}
 	if c.Telemetry.PerPodUsage && c.Telemetry.PodResourcesSocket == "" {
 		return fmt.Errorf("per-pod-usage: needs the kubelet's pod-resources socket (--pod-resources-socket, GPU_PLUGIN_POD_RESOURCES_SOCKET) to know which pods were allocated each GPU; it is empty")
 	}

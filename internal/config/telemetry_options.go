@@ -48,6 +48,9 @@ type Telemetry struct {
 	// joined to pods through their cgroups. Needs hostPID, and pods
 	// readable through the API server.
 	PerPodUsage bool `json:"perPodUsage"`
+	// PerPodDCGMSeries adds per-pod DCGM_FI_DEV_FB_USED and GPU_UTIL
+	// series beside the device series (dcgm-exporter's per-pod shape).
+	PerPodDCGMSeries bool `json:"perPodDCGMSeries"`
 	// ProcRoot is where the host's /proc is (tests point it elsewhere).
 	ProcRoot string `json:"-"`
 }
@@ -131,8 +134,11 @@ func telemetryOptions() []Option {
 			"write the modelName label with dashes instead of blanks, as dcgm-exporter's option of that name",
 			func(c *Config) *bool { return &c.Telemetry.ReplaceBlanksInModelName }),
 		boolean("per-pod-usage", []string{"GPU_PLUGIN_PER_POD_USAGE"},
-			"per-pod GPU memory and SM use, also on shared (time-sliced) GPUs: each GPU's processes are joined to their pods through /proc/<pid>/cgroup; needs hostPID: true and get/list/watch on pods (the chart's perPodUsage.enabled sets both); adds gpu_plugin_pod_gpu_* series and DCGM_FI_DEV_FB_USED/GPU_UTIL series per pod, as dcgm-exporter's --kubernetes-virtual-gpus does",
+			"per-pod GPU memory and SM use, also on shared (time-sliced) GPUs: each GPU's processes are joined to their pods through /proc/<pid>/cgroup; needs hostPID: true and get/list/watch on pods (the chart's perPodUsage.enabled sets both); adds the gpu_plugin_pod_gpu_* and gpu_plugin_gpu_unattributed_* families",
 			func(c *Config) *bool { return &c.Telemetry.PerPodUsage }),
+		boolean("per-pod-dcgm-series", []string{"GPU_PLUGIN_PER_POD_DCGM_SERIES"},
+			"with --per-pod-usage: also one DCGM_FI_DEV_FB_USED and DCGM_FI_DEV_GPU_UTIL series per pod (labelled pod_uid) beside each device series, the per-pod series of dcgm-exporter's --kubernetes-virtual-gpus (without its vgpu copies); sums over those families must then filter on pod_uid",
+			func(c *Config) *bool { return &c.Telemetry.PerPodDCGMSeries }),
 	}
 }
 

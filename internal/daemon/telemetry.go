@@ -95,7 +95,8 @@ func (d *Daemon) newTelemetry() error {
 		log.Info("per-pod accounting on: GPU processes are attributed to pods through their cgroups", "procRoot", s.ProcRoot)
 	}
 	d.tel.sampler = telemetry.NewSampler(samplerOpts)
-	opts := telemetry.CollectorOptions{Sampler: d.tel.sampler, ReplaceBlanksInModelName: s.ReplaceBlanksInModelName}
+	opts := telemetry.CollectorOptions{Sampler: d.tel.sampler, ReplaceBlanksInModelName: s.ReplaceBlanksInModelName,
+		PerPodDCGM: s.PerPodDCGMSeries && samplerOpts.Attributor != nil}
 	if !s.NoHostname {
 		opts.Hostname = d.hostname()
 	}

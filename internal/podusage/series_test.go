@@ -81,7 +81,7 @@ func newSimNode(t *testing.T) *simNode {
 		Inventory: func() *nvml.Inventory { return s.inv }, Backends: telemetry.Selection{Configured: "nvml", Fallback: backend},
 		Attributor: s.acct,
 	})
-	s.collector = telemetry.NewCollector(telemetry.CollectorOptions{Sampler: s.sampler, Pods: s.cache.Snapshot, Hostname: "node-1"})
+	s.collector = telemetry.NewCollector(telemetry.CollectorOptions{Sampler: s.sampler, Pods: s.cache.Snapshot, Hostname: "node-1", PerPodDCGM: true})
 	return s
 }
 

@@ -29,9 +29,10 @@ func newPerPodNode(tb testing.TB, pods int) *perPodNode {
 	return &perPodNode{proc: tb.TempDir(), dir: podusage.NewDirectory(), pods: pods}
 }
 
-// options are the environment's: an Accountant over its pod snapshot.
+// options are the environment's: an Accountant over its pod snapshot,
+// and per-pod DCGM series too (the heavier exposition).
 func (p *perPodNode) options() envOptions {
-	return envOptions{attributor: func(e *simEnv) telemetry.Attributor {
+	return envOptions{perPodDCGM: true, attributor: func(e *simEnv) telemetry.Attributor {
 		return podusage.NewAccountant(podusage.Options{
 			Resolver: podusage.NewResolver(p.proc), Directory: p.dir,
 			Holders: func() *podresources.Snapshot { return e.pods.Load() },
@@ -109,5 +110,36 @@ func BenchmarkScrapeAfterRound(b *testing.B) {
 			b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
 			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
 		})
+	}
+}
+
+// TestPerPodDCGMSeriesOptIn: per-pod accounting alone leaves the DCGM
+// families one series per device (sums over them stay right); the
+// per-pod DCGM series come only with PerPodDCGM.
+func TestPerPodDCGMSeriesOptIn(t *testing.T) {
+	for _, dcgm := range []bool{false, true} {
+		pp := newPerPodNode(t, 16)
+		opts := pp.options()
+		opts.perPodDCGM = dcgm
+		e := newSimEnv(t, "dgx-h100", opts)
+		e.sample()
+		pp.place(t, e)
+		e.clk.Advance(time.Second)
+		e.sample()
+		var b bytes.Buffer
+		e.collector.WriteText(&b)
+		perPod := 0
+		for _, l := range strings.Split(b.String(), "\n") {
+			if strings.HasPrefix(l, "DCGM_") && strings.Contains(l, `pod_uid="`) {
+				perPod++
+			}
+		}
+		// 16 pods on 8 GPUs: FB_USED and GPU_UTIL each.
+		if want := map[bool]int{false: 0, true: 32}[dcgm]; perPod != want {
+			t.Errorf("PerPodDCGM %v: %d per-pod DCGM series, want %d", dcgm, perPod, want)
+		}
+		if !strings.Contains(b.String(), telemetry.PodSMUtilName+"{") {
+			t.Errorf("PerPodDCGM %v: no %s series", dcgm, telemetry.PodSMUtilName)
+		}
 	}
 }

@@ -50,6 +50,12 @@ type CollectorOptions struct {
 	Hostname string
 	// ReplaceBlanksInModelName writes modelName with dashes for blanks.
 	ReplaceBlanksInModelName bool
+	// PerPodDCGM adds, with per-pod accounting, one DCGM_FI_DEV_FB_USED
+	// and DCGM_FI_DEV_GPU_UTIL series per pod (labelled pod_uid) beside
+	// each device series: the shape of dcgm-exporter's per-pod series
+	// (--kubernetes-virtual-gpus). Off, the DCGM families keep one series
+	// per device, so sums over them stay right.
+	PerPodDCGM bool
 	Now                      func() time.Time
 }
 
@@ -217,7 +223,7 @@ func (c *Collector) collectFields(ch chan<- prometheus.Metric, snap *Snapshot, v
 	}
 	for k := range c.metrics {
 		m := &c.metrics[k]
-		if !hasPodSeries(m.field) {
+		if !c.hasPodSeries(m.field) {
 			continue
 		}
 		for j := range snap.Usage.Pods {
@@ -251,7 +257,7 @@ func (c *Collector) WriteText(buf *bytes.Buffer) {
 			m := &c.metrics[k]
 			wrote := false
 			order := v.order
-			if u != nil && hasPodSeries(m.field) {
+			if u != nil && c.hasPodSeries(m.field) {
 				order = u.mixed
 			}
 			for _, i := range order {

@@ -450,6 +450,7 @@ func TestWriteTextMatchesRegistry(t *testing.T) {
 			if strings.HasPrefix(tc.name, "per-pod") {
 				pp = newPerPodNode(t, 30)
 				opts = pp.options()
+				opts.perPodDCGM = true
 			}
 			e := newSimEnv(t, tc.profile, opts)
 			e.sample()

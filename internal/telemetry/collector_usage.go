@@ -57,9 +57,9 @@ var (
 type usageView struct {
 	snap *Snapshot
 	v    *view
-	// Per Usage.Pods entry: the gpu_plugin_pod_* labels, and the DCGM
-	// labels (the device's, without single-holder pod labels, plus the
-	// pod's), each with its rendering.
+	// Per Usage.Pods entry: the gpu_plugin_pod_* labels, and with
+	// PerPodDCGM the DCGM labels (the device's, without single-holder pod
+	// labels, plus the pod's), each with its rendering.
 	own, dcgm         [][]*dto.LabelPair
 	ownText, dcgmText [][]byte
 	un                [][]*dto.LabelPair // per Usage.Unattributed entry
@@ -131,7 +131,9 @@ func (c *Collector) buildUsageView(snap *Snapshot, v *view) *usageView {
 		c.addUnitLabels(&own, t)
 		u.own = append(u.own, own.sorted())
 		u.ownText = append(u.ownText, render(own))
-
+		if !c.opts.PerPodDCGM {
+			continue
+		}
 		dcgm := slices.Clone(v.base[p.Target])
 		dcgm.add(LabelNamespace, p.Namespace)
 		dcgm.add(LabelPod, p.Pod)
@@ -146,6 +148,10 @@ func (c *Collector) buildUsageView(snap *Snapshot, v *view) *usageView {
 		u.un = append(u.un, lp.sorted())
 		u.unText = append(u.unText, render(lp))
 	}
+	u.ownOrder, u.unOrder = sortedBy(u.own), sortedBy(u.un)
+	if !c.opts.PerPodDCGM {
+		return u
+	}
 	u.mixed = make([]int, 0, len(v.order)+len(use.Pods))
 	u.mixed = append(u.mixed, v.order...)
 	for k := range use.Pods {
@@ -158,7 +164,6 @@ func (c *Collector) buildUsageView(snap *Snapshot, v *view) *usageView {
 		return u.dcgm[-i-1]
 	}
 	slices.SortStableFunc(u.mixed, func(a, b int) int { return compareLabels(labels(a), labels(b)) })
-	u.ownOrder, u.unOrder = sortedBy(u.own), sortedBy(u.un)
 	return u
 }
 
@@ -190,7 +195,9 @@ func podValue(f Field, p *PodUsage) (float64, bool) {
 }
 
 // hasPodSeries reports whether a DCGM field gets per-pod series.
-func hasPodSeries(f Field) bool { return f == FBUsed || f == GPUUtil }
+func (c *Collector) hasPodSeries(f Field) bool {
+	return c.opts.PerPodDCGM && (f == FBUsed || f == GPUUtil)
+}
 
 // writeUnattributed and writePods append the gpu_plugin_gpu_unattributed_*
 // and gpu_plugin_pod_gpu_* families (which sort apart in an exposition).

@@ -41,6 +41,7 @@ type envOptions struct {
 	// attributor, if set, turns on per-pod accounting with what it
 	// returns for the environment.
 	attributor func(*simEnv) telemetry.Attributor
+	perPodDCGM bool // the collector's PerPodDCGM
 }
 
 func newSimEnv(t testing.TB, profile string, o envOptions) *simEnv {
@@ -78,7 +79,7 @@ func newSimEnv(t testing.TB, profile string, o envOptions) *simEnv {
 		OnDeviceError: o.onDeviceError,
 	})
 	e.pods.Store(&podresources.Snapshot{ByUnit: map[string][]podresources.Holder{}})
-	opts := telemetry.CollectorOptions{Sampler: e.sampler, Hostname: "node-1", Now: e.clk.Now}
+	opts := telemetry.CollectorOptions{Sampler: e.sampler, Hostname: "node-1", Now: e.clk.Now, PerPodDCGM: o.perPodDCGM}
 	if !o.noPods {
 		opts.Pods = func() *podresources.Snapshot { return e.pods.Load() }
 	}

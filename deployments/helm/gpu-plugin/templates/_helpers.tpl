@@ -133,6 +133,9 @@ httpGet:
 {{- if and .Values.config.default (not (hasKey .Values.config.map .Values.config.default)) }}
 {{- fail (printf "config.default %q is not a key of config.map" .Values.config.default) }}
 {{- end }}
+{{- if and .Values.perPodUsage.dcgmSeries (not .Values.perPodUsage.enabled) }}
+{{- fail "perPodUsage.dcgmSeries needs perPodUsage.enabled=true: the per-pod series come from per-pod accounting" }}
+{{- end }}
 {{- if and .Values.nodeHealth.taint (not .Values.nodeHealth.condition) }}
 {{- fail "nodeHealth.taint needs nodeHealth.condition=true: the taint is written with the condition, under the same permissions" }}
 {{- end }}
