@@ -15,11 +15,19 @@ func FieldValue(h gonvml.Device, id uint32) (float64, gonvml.Return) {
 	if ret := h.GetFieldValues(fv); ret != gonvml.SUCCESS {
 		return 0, ret
 	}
-	if ret := gonvml.Return(fv[0].NvmlReturn); ret != gonvml.SUCCESS {
+	return DecodeFieldValue(&fv[0])
+}
+
+// DecodeFieldValue reads one value that nvmlDeviceGetFieldValues filled in
+// (for callers that ask for several fields, or a scopeId, in one call): its
+// own return code, else its number whatever its value type; a value type no
+// numeric field has is NOT_SUPPORTED.
+func DecodeFieldValue(fv *gonvml.FieldValue) (float64, gonvml.Return) {
+	if ret := gonvml.Return(fv.NvmlReturn); ret != gonvml.SUCCESS {
 		return 0, ret
 	}
-	raw := fv[0].Value[:]
-	switch gonvml.ValueType(fv[0].ValueType) {
+	raw := fv.Value[:]
+	switch gonvml.ValueType(fv.ValueType) {
 	case gonvml.VALUE_TYPE_DOUBLE:
 		return math.Float64frombits(binary.NativeEndian.Uint64(raw)), gonvml.SUCCESS
 	case gonvml.VALUE_TYPE_UNSIGNED_INT:

@@ -26,7 +26,9 @@ import (
 //	                                    temperature_c, power_w, sm_clock_mhz, memory_temp_c,
 //	                                    enc_util, dec_util, pcie_replays, gr_engine_active,
 //	                                    sm_active, sm_occupancy, tensor_active, dram_active
-//	                                    (all optional; the GPM ones in percent)
+//	                                    (all optional; the GPM ones in percent),
+//	                                    pcie_tx_kbps, pcie_rx_kbps (unset: NOT_SUPPORTED),
+//	                                    nvlink_tx_kib, nvlink_rx_kib (counters, all links)
 //	PUT  /sim/gpus/{index}/mig         JSON {"enabled": true, "devices": ["3g.20gb", "3g.20gb"]}:
 //	                                    re-partition the GPU (enabled defaults to devices ≠ [])
 //	POST /sim/gpus/{index}/fault?call=GetTemperature&error=UNKNOWN
@@ -43,6 +45,8 @@ import (
 //	                                    NVML's recovery action field (recovery.go)
 //	POST /sim/gpus/{index}/remap?corr=0&uncorr=1&pending=true&failure=false
 //	                                    the row-remapper state (recovery.go)
+//	POST /sim/gpus/{index}/ecc-errors?sbe=N&dbe=N[&agg_sbe=N&agg_dbe=N][&enabled=false]
+//	                                    ECC error totals and mode (ecc.go)
 //	PUT  /sim/gpus/{index}/processes    JSON [{"pid": 4242, "used_mib": 2048, "sm_util": 40,
 //	                                    "mem_util": 5, "mig": "<MIG UUID or GPU instance ID>"}]:
 //	                                    replace the GPU's compute processes (processes.go)
@@ -50,6 +54,7 @@ import (
 func (n *Node) Handler() http.Handler {
 	mux := http.NewServeMux()
 	n.addRecoveryHandlers(mux)
+	n.addECCHandlers(mux)
 	n.addProcessHandlers(mux)
 	mux.HandleFunc("GET /sim/gpus", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, http.StatusOK, n.State())

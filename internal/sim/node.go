@@ -64,6 +64,8 @@ type GPUState struct {
 	// what the driver says the GPU needs (SetRecoveryAction, SetRowRemap).
 	RecoveryAction uint32   `json:"recovery_action"`
 	RowRemap       RowRemap `json:"row_remap"`
+	// ECC is the ECC mode and error totals (SetECC).
+	ECC ECCCounts `json:"ecc"`
 	// Processes are the GPU's compute processes (SetProcesses).
 	Processes []Process `json:"processes,omitempty"`
 }
@@ -100,6 +102,7 @@ type gpuState struct {
 	energyAt time.Time
 	xids     int
 	rec      recoveryState // recovery action and row remapper (recovery.go)
+	ecc      ECCCounts     // ECC mode and error totals (ecc.go)
 	// procs are the compute processes, replaced whole by SetProcesses;
 	// procStamp is the newest utilization sample timestamp handed out (µs)
 	// (processes.go).
@@ -332,6 +335,7 @@ func (n *Node) newDevice(g *simGPU) *mock.Device {
 	}
 	n.addTelemetryFuncs(d, g) // field values, encoder/decoder, PCIe replays, GPM (telemetry.go)
 	n.addRecoveryFuncs(d, g)  // remapped rows (recovery.go)
+	n.addECCFuncs(d, g)       // ECC mode and totals (ecc.go)
 	n.addFeatureFuncs(d, g)   // PCI class, fabric (gfd.go)
 	n.addProcessFuncs(d, g)   // compute processes, their utilization (processes.go)
 
@@ -793,9 +797,11 @@ func (n *Node) State() []GPUState {
 	for i := range n.state {
 		s := &n.state[i]
 		n.advanceEnergyLocked(s)
-		out[i] = GPUState{Index: i, UUID: n.spec.gpus[i].uuid, Lost: s.lost, Telemetry: s.tel,
+		tel := s.tel
+		tel.ExtraTelemetry = tel.ExtraTelemetry.clone()
+		out[i] = GPUState{Index: i, UUID: n.spec.gpus[i].uuid, Lost: s.lost, Telemetry: tel,
 			EnergyMJ: uint64(s.energyMJ), XIDs: s.xids, MIGEnabled: s.mig.enabled, MIGDevices: s.mig.profiles(),
-			RecoveryAction: uint32(s.rec.action), RowRemap: s.rec.remap, Processes: n.processesLocked(i)}
+			RecoveryAction: uint32(s.rec.action), RowRemap: s.rec.remap, ECC: s.ecc, Processes: n.processesLocked(i)}
 	}
 	return out
 }

@@ -10,8 +10,9 @@ import (
 
 // ExtraTelemetry is the rest of a simulated GPU's telemetry: what NVML
 // reports through field values, encoder/decoder utilization, PCIe replays
-// and GPM (the profiling metrics of Hopper and newer, in percent as GPM
-// reports them; the exporter divides by 100).
+// and throughput, NVLink byte counters, and GPM (the profiling metrics of
+// Hopper and newer, in percent as GPM reports them; the exporter divides
+// by 100).
 type ExtraTelemetry struct {
 	MemoryTempC    uint32  `json:"memory_temp_c"` // FI_DEV_MEMORY_TEMP; not on GDDR (Ada) parts
 	EncUtil        uint32  `json:"enc_util"`      // %
@@ -22,6 +23,34 @@ type ExtraTelemetry struct {
 	SMOccupancy    float64 `json:"sm_occupancy"`     // GPM, %
 	TensorActive   float64 `json:"tensor_active"`    // GPM, %
 	DRAMActive     float64 `json:"dram_active"`      // GPM, %
+	// PCIe throughput in KB/s (NVML's unit; taken as KiB): what
+	// nvmlDeviceGetPcieThroughput reports and, on Hopper and newer, GPM's
+	// PCIE_TX/RX_PER_SEC (÷ 1024, MiB/s) for a whole GPU (GPM samples of a
+	// MIG device have none). Unset (nil) until set: the GPU then answers
+	// NOT_SUPPORTED, as one in a vGPU guest does, so a profile reports no
+	// PCIe rates unless a test or the control API gives some.
+	PCIeTxKBps *uint32 `json:"pcie_tx_kbps,omitempty"`
+	PCIeRxKBps *uint32 `json:"pcie_rx_kbps,omitempty"`
+	// NVLink payload counters in KiB, all links summed: the field values
+	// NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX/RX (RAW = DATA, as fakenvml),
+	// NOT_SUPPORTED on a GPU without NVLinks. Counters, set as absolute
+	// values (like fakenvml's tel nvl_tx/nvl_rx); setting a lower value
+	// models a reset.
+	NVLinkTxKiB uint64 `json:"nvlink_tx_kib"`
+	NVLinkRxKiB uint64 `json:"nvlink_rx_kib"`
+}
+
+// clone is t with its own copies of what its pointers point at.
+func (t ExtraTelemetry) clone() ExtraTelemetry {
+	cp := func(p *uint32) *uint32 {
+		if p == nil {
+			return nil
+		}
+		x := *p
+		return &x
+	}
+	t.PCIeTxKBps, t.PCIeRxKBps = cp(t.PCIeTxKBps), cp(t.PCIeRxKBps)
+	return t
 }
 
 // ExtraTelemetryPatch changes some ExtraTelemetry fields.
@@ -35,12 +64,17 @@ type ExtraTelemetryPatch struct {
 	SMOccupancy    *float64 `json:"sm_occupancy"`
 	TensorActive   *float64 `json:"tensor_active"`
 	DRAMActive     *float64 `json:"dram_active"`
+	PCIeTxKBps     *uint32  `json:"pcie_tx_kbps"`
+	PCIeRxKBps     *uint32  `json:"pcie_rx_kbps"`
+	NVLinkTxKiB    *uint64  `json:"nvlink_tx_kib"`
+	NVLinkRxKiB    *uint64  `json:"nvlink_rx_kib"`
 }
 
 // TelemetryFields names every field PUT /sim/gpus/{i}/telemetry accepts.
 const TelemetryFields = "gpu_util, mem_copy_util, fb_used_mib, temperature_c, power_w, sm_clock_mhz, " +
 	"memory_temp_c, enc_util, dec_util, pcie_replays, " +
-	"gr_engine_active, sm_active, sm_occupancy, tensor_active, dram_active"
+	"gr_engine_active, sm_active, sm_occupancy, tensor_active, dram_active, " +
+	"pcie_tx_kbps, pcie_rx_kbps, nvlink_tx_kib, nvlink_rx_kib"
 
 func defaultExtraTelemetry() ExtraTelemetry {
 	return ExtraTelemetry{MemoryTempC: 35}
@@ -86,9 +120,23 @@ func (p *ExtraTelemetryPatch) apply(t *ExtraTelemetry) {
 	setU(&t.MemoryTempC, p.MemoryTempC)
 	setU(&t.EncUtil, p.EncUtil)
 	setU(&t.DecUtil, p.DecUtil)
-	if p.PCIeReplays != nil {
-		t.PCIeReplays = *p.PCIeReplays
+	setU64 := func(dst *uint64, v *uint64) {
+		if v != nil {
+			*dst = *v
+		}
 	}
+	setU64(&t.PCIeReplays, p.PCIeReplays)
+	setU64(&t.NVLinkTxKiB, p.NVLinkTxKiB)
+	setU64(&t.NVLinkRxKiB, p.NVLinkRxKiB)
+	// A copy: the state never shares the caller's pointer.
+	setP := func(dst **uint32, v *uint32) {
+		if v != nil {
+			x := *v
+			*dst = &x
+		}
+	}
+	setP(&t.PCIeTxKBps, p.PCIeTxKBps)
+	setP(&t.PCIeRxKBps, p.PCIeRxKBps)
 	setF(&t.GREngineActive, p.GREngineActive)
 	setF(&t.SMActive, p.SMActive)
 	setF(&t.SMOccupancy, p.SMOccupancy)
@@ -103,13 +151,14 @@ type gpmRecord struct {
 }
 
 // addTelemetryFuncs gives a GPU's mock its telemetry beyond the basics:
-// field values (memory temperature), encoder/decoder utilization, PCIe
-// replays, and GPM on Hopper and newer.
+// field values (memory temperature, NVLink counters), encoder/decoder
+// utilization, PCIe replays and throughput, and GPM on Hopper and newer.
 func (n *Node) addTelemetryFuncs(d *mock.Device, g *simGPU) {
 	i := g.index
 	arch := g.model.config.Architecture
 	hbm := arch != gonvml.DEVICE_ARCH_ADA
 	gpm := arch >= gonvml.DEVICE_ARCH_HOPPER && arch != gonvml.DEVICE_ARCH_UNKNOWN
+	links := uint32(len(n.nvlinkEnds(i)))
 	d.GetEncoderUtilizationFunc = func() (uint32, uint32, gonvml.Return) {
 		u, r := read(n, i, "GetEncoderUtilization", func(s *gpuState) uint32 { return s.tel.EncUtil })
 		return u, 167000, r
@@ -121,35 +170,58 @@ func (n *Node) addTelemetryFuncs(d *mock.Device, g *simGPU) {
 	d.GetPcieReplayCounterFunc = func() (int, gonvml.Return) {
 		return read(n, i, "GetPcieReplayCounter", func(s *gpuState) int { return int(s.tel.PCIeReplays) })
 	}
+	d.GetPcieThroughputFunc = func(c gonvml.PcieUtilCounter) (uint32, gonvml.Return) {
+		kbps, r := read(n, i, "GetPcieThroughput", func(s *gpuState) *uint32 {
+			if c == gonvml.PCIE_UTIL_TX_BYTES {
+				return s.tel.PCIeTxKBps
+			}
+			return s.tel.PCIeRxKBps
+		})
+		switch {
+		case r != gonvml.SUCCESS:
+			return 0, r
+		case c != gonvml.PCIE_UTIL_TX_BYTES && c != gonvml.PCIE_UTIL_RX_BYTES:
+			return 0, gonvml.ERROR_INVALID_ARGUMENT
+		case kbps == nil:
+			return 0, gonvml.ERROR_NOT_SUPPORTED
+		}
+		return *kbps, gonvml.SUCCESS
+	}
 	d.GetFieldValuesFunc = func(values []gonvml.FieldValue) gonvml.Return {
 		if len(values) == 0 {
 			return gonvml.ERROR_INVALID_ARGUMENT
 		}
-		temp, r := read(n, i, "GetFieldValues", func(s *gpuState) uint32 {
+		tel, r := read(n, i, "GetFieldValues", func(s *gpuState) ExtraTelemetry {
 			for k := range values {
 				if values[k].FieldId == gonvml.FI_DEV_GET_GPU_RECOVERY_ACTION {
 					n.recoveryFieldLocked(i, &values[k]) // recovery.go
 				}
 			}
-			return s.tel.MemoryTempC
+			return s.tel.ExtraTelemetry
 		})
 		if r != gonvml.SUCCESS {
 			return r
 		}
+		now := n.now().UnixMicro()
 		for k := range values {
 			v := &values[k]
-			v.Timestamp = n.now().UnixMicro()
-			if v.FieldId == gonvml.FI_DEV_GET_GPU_RECOVERY_ACTION {
-				continue // answered above
-			}
-			if v.FieldId != gonvml.FI_DEV_MEMORY_TEMP || !hbm {
+			v.Timestamp = now
+			// The NVLink counters sum every link whatever the scopeId (as
+			// fakenvml does): NVML's scopeId UINT_MAX, what DCGM asks for.
+			switch {
+			case v.FieldId == gonvml.FI_DEV_GET_GPU_RECOVERY_ACTION:
+				// answered above
+			case v.FieldId == gonvml.FI_DEV_MEMORY_TEMP && hbm:
+				setFieldUint(v, tel.MemoryTempC)
+			case v.FieldId == gonvml.FI_DEV_NVLINK_LINK_COUNT:
+				setFieldUint(v, links)
+			case (v.FieldId == gonvml.FI_DEV_NVLINK_THROUGHPUT_DATA_TX || v.FieldId == gonvml.FI_DEV_NVLINK_THROUGHPUT_RAW_TX) && links > 0:
+				setFieldUint64(v, tel.NVLinkTxKiB)
+			case (v.FieldId == gonvml.FI_DEV_NVLINK_THROUGHPUT_DATA_RX || v.FieldId == gonvml.FI_DEV_NVLINK_THROUGHPUT_RAW_RX) && links > 0:
+				setFieldUint64(v, tel.NVLinkRxKiB)
+			default:
 				v.NvmlReturn = uint32(gonvml.ERROR_NOT_SUPPORTED)
-				continue
 			}
-			v.NvmlReturn = uint32(gonvml.SUCCESS)
-			v.ValueType = uint32(gonvml.VALUE_TYPE_UNSIGNED_INT)
-			v.Value = [8]byte{}
-			binary.NativeEndian.PutUint32(v.Value[:], temp)
 		}
 		return gonvml.SUCCESS
 	}
@@ -179,6 +251,20 @@ func (n *Node) addTelemetryFuncs(d *mock.Device, g *simGPU) {
 		}
 		return n.recordGPM(s, i, gi, "GpmMigSampleGet")
 	}
+}
+
+func setFieldUint(v *gonvml.FieldValue, x uint32) {
+	v.NvmlReturn = uint32(gonvml.SUCCESS)
+	v.ValueType = uint32(gonvml.VALUE_TYPE_UNSIGNED_INT)
+	v.Value = [8]byte{}
+	binary.NativeEndian.PutUint32(v.Value[:], x)
+}
+
+func setFieldUint64(v *gonvml.FieldValue, x uint64) {
+	v.NvmlReturn = uint32(gonvml.SUCCESS)
+	v.ValueType = uint32(gonvml.VALUE_TYPE_UNSIGNED_LONG_LONG)
+	v.Value = [8]byte{}
+	binary.NativeEndian.PutUint64(v.Value[:], x)
 }
 
 // recordGPM stores what a GPM sample sees.
@@ -231,7 +317,7 @@ func (n *Node) addGPMLibrary(l *mock.Interface) {
 		}
 		for k := range m.Metrics[:m.NumMetrics] {
 			x := &m.Metrics[k]
-			v, ok := gpmValue(gonvml.GpmMetricId(x.MetricId), &r2.tel)
+			v, ok := gpmValue(gonvml.GpmMetricId(x.MetricId), &r2.tel, r2.gi >= 0)
 			x.Value = v
 			x.NvmlReturn = uint32(gonvml.SUCCESS)
 			if !ok {
@@ -260,8 +346,20 @@ func (n *Node) GPMSamples() int {
 	return len(n.gpm)
 }
 
-func gpmValue(id gonvml.GpmMetricId, t *ExtraTelemetry) (float64, bool) {
+// gpmValue is a GPM metric as the later sample saw it; mig says the
+// samples are a MIG device's, which have no PCIe rates here.
+func gpmValue(id gonvml.GpmMetricId, t *ExtraTelemetry, mig bool) (float64, bool) {
+	mibps := func(kbps *uint32) (float64, bool) {
+		if kbps == nil || mig {
+			return 0, false
+		}
+		return float64(*kbps) / 1024, true // KiB/s → MiB/s, GPM's unit
+	}
 	switch id {
+	case gonvml.GPM_METRIC_PCIE_TX_PER_SEC:
+		return mibps(t.PCIeTxKBps)
+	case gonvml.GPM_METRIC_PCIE_RX_PER_SEC:
+		return mibps(t.PCIeRxKBps)
 	case gonvml.GPM_METRIC_GRAPHICS_UTIL:
 		return t.GREngineActive, true
 	case gonvml.GPM_METRIC_SM_UTIL:

@@ -3,7 +3,8 @@
 // dcgm-exporter-compat.md §7): framebuffer bytes to MiB, power mW to W,
 // GPM percentages to DCGM's 0–1 ratios. Fields NVML cannot supply on a GPU
 // (memory temperature on GDDR parts, profiling before Hopper, utilization
-// on MIG) are left out, never reported as zero.
+// on MIG, NVLink on GPUs without it) are left out, never reported as zero.
+// NVLink bandwidth and PCIe rates follow DCGM's arithmetic (throughput.go).
 //
 // With Request.Processes it also lists each target's compute processes,
 // with per-process SM utilization on whole GPUs (processes.go).
@@ -58,7 +59,12 @@ type gpuState struct {
 	unsupported map[string]telemetry.Mask
 	gpm         map[string]*gpmState // by target key; nil: GPM not supported
 	gpmChecked  bool
-	procs       procState // compute processes (processes.go)
+	procs       procState   // compute processes (processes.go)
+	nvlink      nvlinkState // the previous NVLink reading (throughput.go)
+	// migOn is the GPU's MIG mode when last read (migKnown): NVML answers
+	// some calls NOT_SUPPORTED only while MIG is on (remapped rows), so a
+	// change forgets what the GPU did not support.
+	migOn, migKnown bool
 }
 
 // New builds the backend.
@@ -244,11 +250,18 @@ func (b *Backend) readGPU(inv *nvml.Inventory, st *gpuState, targets []telemetry
 	}
 	b.checkGPM(st, h, targets, fields)
 	whole := targets[0].MIG == nil
+	if st.migKnown && st.migOn != g.MIGEnabled {
+		delete(st.unsupported, g.UUID)
+	}
+	st.migOn, st.migKnown = g.MIGEnabled, true
 
 	// Device-level fields, shared by every target of this GPU.
 	var dev telemetry.Values
 	r := &reader{lib: b.lib, skip: st.unsupported[g.UUID]}
-	b.readDevice(r, h, &dev, fields, whole)
+	b.readDevice(r, st, h, &dev, fields, whole)
+	if whole && st.gpm[g.UUID] == nil {
+		readPCIe(r, h, &dev, fields) // no GPM for this GPU: NVML's PCIe counter (throughput.go)
+	}
 	if fields.Has(telemetry.XIDErrors) && xids != nil {
 		dev.Set(telemetry.XIDErrors, float64(xids[g.Index]))
 	}
@@ -291,7 +304,7 @@ func (b *Backend) readGPU(inv *nvml.Inventory, st *gpuState, targets []telemetry
 
 // readDevice reads the GPU-wide fields; whole says the GPU is reported as
 // a whole (utilization and memory only then).
-func (b *Backend) readDevice(r *reader, h gonvml.Device, v *telemetry.Values, fields telemetry.Mask, whole bool) {
+func (b *Backend) readDevice(r *reader, st *gpuState, h gonvml.Device, v *telemetry.Values, fields telemetry.Mask, whole bool) {
 	u32 := func(x uint32, ret gonvml.Return) (float64, gonvml.Return) { return float64(x), ret }
 	if fields.Has(telemetry.SMClock) {
 		r.read(v, telemetry.SMClock, "nvmlDeviceGetClockInfo", func() (float64, gonvml.Return) { return u32(h.GetClockInfo(gonvml.CLOCK_SM)) })
@@ -399,6 +412,7 @@ func (b *Backend) readDevice(r *reader, h gonvml.Device, v *telemetry.Values, fi
 			r.err = err
 		}
 	}
+	readNVLink(r, st, h, v, fields) // throughput.go
 	if whole {
 		readMemory(r, h, v, fields)
 	}
