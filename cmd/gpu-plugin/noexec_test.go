@@ -30,10 +30,6 @@ var processStarters = map[string][]string{
 var thirdPartyExec = map[string]string{
 	"github.com/NVIDIA/go-dcgm/pkg/dcgm": "only dcgm.Init(dcgm.StartHostengine) runs nv-hostengine; " +
 		"internal/telemetry/dcgmbackend uses Embedded and Standalone, and the walk below forbids StartHostengine",
-	"k8s.io/client-go/plugin/pkg/client/auth/exec": "runs a kubeconfig's exec credential plugin; --node-health-condition " +
-		"refuses a kubeconfig that has one (internal/daemon/nodehealth.go) and the in-cluster config never has one",
-	"github.com/google/gnostic-models/compiler": "runs OpenAPI vendor-extension handlers only when a caller passes " +
-		"ExtensionHandlers; the API client (reached through client-go's clientcmd) never parses OpenAPI documents",
 }
 
 // TestNoShellingOut: the daemon never runs another program (nvidia-smi,

@@ -9,12 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sync"
 	"time"
-
-	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/tools/record"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/kube"
@@ -61,7 +56,7 @@ func selectStartConfig(ctx context.Context, cfg *config.Config, client *kube.Cli
 type nodeConfigStart struct {
 	choice nodeconfig.Choice
 	label  nodeLabel
-	events record.EventRecorder
+	events *kube.Recorder
 }
 
 // selectStartConfig puts the configuration the node label picks in force
@@ -72,12 +67,11 @@ func (d *Daemon) selectStartConfig() (*nodeConfigStart, error) {
 		return nil, err
 	}
 	d.cfg = next
-	ctx, cancel := context.WithCancel(context.Background())
-	b := record.NewBroadcaster(record.WithContext(ctx))
-	b.StartRecordingToSink(d.kube.EventSink(ctx))
-	var once sync.Once
-	d.stopEvents = func() { once.Do(func() { cancel(); b.Shutdown() }) }
-	rec := b.NewRecorder(d.kube.Scheme(), corev1.EventSource{Component: "gpu-plugin", Host: next.Daemon.NodeName})
+	rec := d.kube.NewRecorder(context.Background(), kube.RecorderOptions{
+		Source: kube.EventSource{Component: "gpu-plugin", Host: next.Daemon.NodeName},
+		Logger: d.log.With("component", "node-config"),
+	})
+	d.stopEvents = rec.Shutdown
 	return &nodeConfigStart{choice: choice, label: *label, events: rec}, nil
 }
 
@@ -85,13 +79,12 @@ func (d *Daemon) selectStartConfig() (*nodeConfigStart, error) {
 // label that named no file.
 func (r *reloader) startNodeConfig(s *nodeConfigStart) {
 	name := r.d.cfg.Daemon.NodeName
-	r.node = nodeConfigState{choice: s.choice, events: s.events,
-		ref: &corev1.ObjectReference{Kind: "Node", APIVersion: "v1", Name: name, UID: types.UID(name)}}
+	r.node = nodeConfigState{choice: s.choice, events: s.events, ref: kube.NodeReference(name)}
 	l := s.label
 	r.lastLabel = &l
 	if l.ok && l.value != "" && s.choice.By != nodeconfig.ByLabel {
 		r.node.unknown, r.node.reported = l.value, l.value
-		s.events.Eventf(r.node.ref, corev1.EventTypeWarning, "UnknownGPUConfig", "%s=%q names no config file; started with %s",
+		s.events.Eventf(r.node.ref, kube.EventTypeWarning, "UnknownGPUConfig", "%s=%q names no config file; started with %s",
 			r.d.cfg.Daemon.ConfigLabel, l.value, choiceName(s.choice))
 	}
 	r.setNodeStats()
@@ -112,10 +105,10 @@ func choiceName(c nodeconfig.Choice) string {
 }
 
 // watchConfigLabel hands every value the node's config label takes to the
-// reloader, latest first: a slow reload never blocks the informer.
+// reloader, latest first: a slow reload never blocks the watch.
 func (d *Daemon) watchConfigLabel(ctx context.Context) error {
 	label := d.cfg.Daemon.ConfigLabel
-	d.kube.WatchNode(ctx, d.cfg.Daemon.NodeName, d.log.With("component", "node-config"), func(n *corev1.Node) {
+	d.kube.WatchNode(ctx, d.cfg.Daemon.NodeName, d.log.With("component", "node-config"), func(n *kube.Node) {
 		v, ok := n.Labels[label]
 		select {
 		case <-d.rl.labels:
@@ -139,7 +132,7 @@ func (r *reloader) selectConfig(l nodeLabel) {
 			r.node.reported = l.value
 			r.log.Warn("node label names no config file: the configuration in force stays", "label", dcfg.ConfigLabel, "err", err, "config", choiceName(r.node.choice))
 			if r.node.events != nil {
-				r.node.events.Eventf(r.node.ref, corev1.EventTypeWarning, "UnknownGPUConfig", "%s: %v; %s stays in force", dcfg.ConfigLabel, err, choiceName(r.node.choice))
+				r.node.events.Eventf(r.node.ref, kube.EventTypeWarning, "UnknownGPUConfig", "%s: %v; %s stays in force", dcfg.ConfigLabel, err, choiceName(r.node.choice))
 			}
 		}
 		r.setNodeStats()
@@ -158,7 +151,7 @@ func (r *reloader) selectConfig(l nodeLabel) {
 		r.node.choice = choice
 		r.log.Info("node label changed the config", "label", dcfg.ConfigLabel, "value", l.value, "from", choiceName(from), "to", choiceName(choice), "by", choice.By)
 		if r.node.events != nil {
-			r.node.events.Eventf(r.node.ref, corev1.EventTypeNormal, "GPUConfigApplied", "%s=%q: config %s applied (was %s)", dcfg.ConfigLabel, l.value, choiceName(choice), choiceName(from))
+			r.node.events.Eventf(r.node.ref, kube.EventTypeNormal, "GPUConfigApplied", "%s=%q: config %s applied (was %s)", dcfg.ConfigLabel, l.value, choiceName(choice), choiceName(from))
 		}
 	})
 	r.setNodeStats()
@@ -171,8 +164,8 @@ type nodeConfigState struct {
 	choice   nodeconfig.Choice
 	unknown  string // the label value naming no file now, "" when none
 	reported string // the value last logged as unknown
-	events   record.EventRecorder
-	ref      *corev1.ObjectReference
+	events   *kube.Recorder
+	ref      *kube.ObjectReference
 }
 
 // readinessNote is the /readyz detail of --config-dir: a node label naming

@@ -13,8 +13,6 @@ import (
 	"strings"
 	"time"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
 	"github.com/gpu-plugin/gpu-plugin/internal/kube"
 	"github.com/gpu-plugin/gpu-plugin/internal/labels"
 )
@@ -28,7 +26,7 @@ type nodeFeatureWriter struct {
 	namespace      string
 	node, pod      string
 	log            *slog.Logger
-	owner          *metav1.OwnerReference
+	owner          *kube.OwnerReference
 	ownerLooked    bool
 	last           labels.Labels // what was last written, nil before the first write
 	lastWriteError string
@@ -70,7 +68,7 @@ func (w *nodeFeatureWriter) write(l labels.Labels) (bool, error) {
 // lookUpOwner finds the DaemonSet that controls the daemon's pod, so that
 // removing the DaemonSet removes the NodeFeature, as with GFD. Without a
 // pod name or on an error the object has no owner, said once.
-func (w *nodeFeatureWriter) lookUpOwner(ctx context.Context) *metav1.OwnerReference {
+func (w *nodeFeatureWriter) lookUpOwner(ctx context.Context) *kube.OwnerReference {
 	if w.pod == "" {
 		w.ownerLooked = true
 		w.log.Info("NodeFeature without an owner: the pod name is unknown (--pod-name, POD_NAME); uninstalling leaves the object behind")
@@ -82,8 +80,8 @@ func (w *nodeFeatureWriter) lookUpOwner(ctx context.Context) *metav1.OwnerRefere
 		return nil
 	}
 	w.ownerLooked = true
-	if ref := metav1.GetControllerOf(pod); ref != nil {
-		return &metav1.OwnerReference{APIVersion: ref.APIVersion, Kind: ref.Kind, Name: ref.Name, UID: ref.UID}
+	if ref := kube.ControllerOf(&pod.ObjectMeta); ref != nil {
+		return &kube.OwnerReference{APIVersion: ref.APIVersion, Kind: ref.Kind, Name: ref.Name, UID: ref.UID}
 	}
 	w.log.Info("NodeFeature without an owner: the daemon's pod has no controller", "pod", w.namespace+"/"+w.pod)
 	return nil

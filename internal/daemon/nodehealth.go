@@ -1,11 +1,9 @@
 package daemon
 
 import (
+	"errors"
 	"fmt"
 	"os"
-
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/kube"
@@ -53,19 +51,19 @@ func (d *Daemon) newKubeClient() error {
 
 // apiServerConfig reads kubeconfig, or the pod's service account when it
 // is empty.
-func apiServerConfig(kubeconfig string) (*rest.Config, error) {
+func apiServerConfig(kubeconfig string) (*kube.Config, error) {
 	if kubeconfig != "" {
-		rc, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+		rc, err := kube.LoadKubeconfig(kubeconfig)
+		// The daemon never runs another program.
+		if errors.Is(err, kube.ErrCredentialPlugin) {
+			return nil, fmt.Errorf("--kubeconfig %s: its user authenticates through a credential plugin, which the daemon does not run: use a token or client certificate", kubeconfig)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("reading --kubeconfig %s: %w", kubeconfig, err)
 		}
-		// The daemon never runs another program.
-		if rc.ExecProvider != nil || rc.AuthProvider != nil {
-			return nil, fmt.Errorf("--kubeconfig %s: its user authenticates through a credential plugin, which the daemon does not run: use a token or client certificate", kubeconfig)
-		}
 		return rc, nil
 	}
-	rc, err := rest.InClusterConfig()
+	rc, err := kube.InClusterConfig()
 	if err != nil {
 		if os.Getenv("KUBERNETES_SERVICE_HOST") == "" {
 			return nil, fmt.Errorf("no API server: not running in a pod (KUBERNETES_SERVICE_HOST is unset) and no --kubeconfig given")

@@ -7,13 +7,12 @@ import (
 	"context"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
@@ -138,17 +137,17 @@ func (d *Daemon) runTelemetry(run func(string, func(context.Context) error)) {
 func (d *Daemon) watchPods(ctx context.Context) error {
 	dir := d.tel.podDir
 	d.kube.WatchPods(ctx, d.hostname(), d.log.With("component", "pod-directory"), kube.PodHandler{
-		Set: func(p *corev1.Pod) {
-			pod := podusage.Pod{UID: string(p.UID), Namespace: p.Namespace, Name: p.Name, Containers: map[string]string{},
-				Finished: p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed}
-			for _, c := range p.Status.ContainerStatuses {
+		Set: func(p *kube.Pod) {
+			pod := podusage.Pod{UID: p.UID, Namespace: p.Namespace, Name: p.Name, Containers: map[string]string{},
+				Finished: p.Status.Phase == kube.PodSucceeded || p.Status.Phase == kube.PodFailed}
+			for _, c := range slices.Concat(p.Status.InitContainerStatuses, p.Status.ContainerStatuses) {
 				if c.ContainerID != "" {
 					pod.Containers[podusage.ContainerID(c.ContainerID)] = c.Name
 				}
 			}
 			dir.Set(pod)
 		},
-		Delete: func(uid types.UID) { dir.Delete(string(uid)) },
+		Delete: dir.Delete,
 		Synced: dir.MarkSynced,
 	})
 	return nil

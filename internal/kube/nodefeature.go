@@ -5,11 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"net/http"
+	"net/url"
 	"slices"
-
-	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // NFD's NodeFeature: a node's labelling request, which nfd-master turns
@@ -27,9 +25,12 @@ func NodeFeatureName(node string) string { return "nvidia-features-for-" + node 
 // ApplyNodeFeature makes the NodeFeature name in namespace request exactly
 // labels for node, owned by owner (nil: none). It writes only when the
 // object is missing or differs, and reports whether it wrote.
-func (c *Client) ApplyNodeFeature(ctx context.Context, namespace, name, node string, labels map[string]string, owner *metav1.OwnerReference) (bool, error) {
-	raw, err := c.rc.Get().AbsPath(nodeFeaturePath, namespace, "nodefeatures", name).Do(ctx).Raw()
-	if apierrors.IsNotFound(err) {
+func (c *Client) ApplyNodeFeature(ctx context.Context, namespace, name, node string, labels map[string]string, owner *OwnerReference) (bool, error) {
+	collection := nodeFeaturePath + "/" + url.PathEscape(namespace) + "/nodefeatures"
+	path := collection + "/" + url.PathEscape(name)
+	var raw []byte
+	err := c.do(ctx, request{method: http.MethodGet, path: path}, &raw)
+	if IsNotFound(err) {
 		obj := map[string]any{
 			"apiVersion": "nfd.k8s-sigs.io/v1alpha1",
 			"kind":       "NodeFeature",
@@ -38,7 +39,7 @@ func (c *Client) ApplyNodeFeature(ctx context.Context, namespace, name, node str
 		}
 		setNodeFeature(obj, node, labels, owner)
 		body, _ := json.Marshal(obj)
-		if err := c.rc.Post().AbsPath(nodeFeaturePath, namespace, "nodefeatures").Body(body).Do(ctx).Error(); err != nil {
+		if err := c.do(ctx, request{method: http.MethodPost, path: collection, contentType: jsonBody, body: body}, nil); err != nil {
 			return false, fmt.Errorf("creating NodeFeature %s/%s: %w", namespace, name, err)
 		}
 		return true, nil
@@ -57,7 +58,7 @@ func (c *Client) ApplyNodeFeature(ctx context.Context, namespace, name, node str
 		return false, nil
 	}
 	// The resourceVersion read above makes this a compare-and-swap.
-	if err := c.rc.Put().AbsPath(nodeFeaturePath, namespace, "nodefeatures", name).Body(after).Do(ctx).Error(); err != nil {
+	if err := c.do(ctx, request{method: http.MethodPut, path: path, contentType: jsonBody, body: after}, nil); err != nil {
 		return false, fmt.Errorf("updating NodeFeature %s/%s: %w", namespace, name, err)
 	}
 	return true, nil
@@ -66,7 +67,7 @@ func (c *Client) ApplyNodeFeature(ctx context.Context, namespace, name, node str
 // setNodeFeature sets what this daemon owns in a NodeFeature object:
 // spec.labels, the node-name label and the owner; other fields (a
 // features section someone else writes) stay.
-func setNodeFeature(obj map[string]any, node string, labels map[string]string, owner *metav1.OwnerReference) {
+func setNodeFeature(obj map[string]any, node string, labels map[string]string, owner *OwnerReference) {
 	meta, _ := obj["metadata"].(map[string]any)
 	if meta == nil {
 		meta = map[string]any{}
@@ -80,7 +81,7 @@ func setNodeFeature(obj map[string]any, node string, labels map[string]string, o
 	ml[NodeNameLabel] = node
 	if owner != nil {
 		refs, _ := meta["ownerReferences"].([]any)
-		uid := string(owner.UID)
+		uid := owner.UID
 		if !slices.ContainsFunc(refs, func(r any) bool { m, _ := r.(map[string]any); return m["uid"] == uid }) {
 			var ref map[string]any
 			b, _ := json.Marshal(owner)
@@ -98,11 +99,4 @@ func setNodeFeature(obj map[string]any, node string, labels map[string]string, o
 		sl[k] = labels[k]
 	}
 	spec["labels"] = sl
-}
-
-// GetPod reads a Pod.
-func (c *Client) GetPod(ctx context.Context, namespace, name string) (*corev1.Pod, error) {
-	p := &corev1.Pod{}
-	err := c.rc.Get().Namespace(namespace).Resource("pods").Name(name).Do(ctx).Into(p)
-	return p, err
 }

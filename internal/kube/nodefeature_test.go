@@ -3,8 +3,6 @@ package kube
 import (
 	"encoding/json"
 	"testing"
-
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // setNodeFeature sets only what the daemon owns, and setting the same
@@ -16,7 +14,7 @@ func TestSetNodeFeature(t *testing.T) {
 		"spec": map[string]any{"features": map[string]any{"flags": map[string]any{"x": "y"}},
 			"labels": map[string]any{"nvidia.com/gpu.count": "4", "stale": "1"}},
 	}
-	owner := &metav1.OwnerReference{APIVersion: "apps/v1", Kind: "DaemonSet", Name: "gpu-plugin", UID: "u-1"}
+	owner := &OwnerReference{APIVersion: "apps/v1", Kind: "DaemonSet", Name: "gpu-plugin", UID: "u-1"}
 	want := map[string]string{"nvidia.com/gpu.count": "8", "nvidia.com/gpu.product": "NVIDIA-H100"}
 	setNodeFeature(obj, "n1", want, owner)
 	once, _ := json.Marshal(obj)
@@ -27,9 +25,9 @@ func TestSetNodeFeature(t *testing.T) {
 	}
 	var got struct {
 		Metadata struct {
-			ResourceVersion string                  `json:"resourceVersion"`
-			Labels          map[string]string       `json:"labels"`
-			OwnerReferences []metav1.OwnerReference `json:"ownerReferences"`
+			ResourceVersion string            `json:"resourceVersion"`
+			Labels          map[string]string `json:"labels"`
+			OwnerReferences []OwnerReference  `json:"ownerReferences"`
 		} `json:"metadata"`
 		Spec struct {
 			Features map[string]any    `json:"features"`

@@ -10,12 +10,6 @@ import (
 	"sync"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/tools/record"
-	"k8s.io/client-go/util/retry"
-
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
 	"github.com/gpu-plugin/gpu-plugin/internal/kube"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
@@ -43,8 +37,8 @@ type Options struct {
 	// (defaults 1 s and 1 min).
 	MinBackoff, MaxBackoff time.Duration
 	// EventBurst and EventInterval are the Event spam filter (client-go's
-	// EventCorrelator, per node and reason): EventBurst Events at once,
-	// then one per EventInterval (defaults 10 and 1 min).
+	// EventCorrelator's, per node and Event type): EventBurst Events at
+	// once, then one per EventInterval (defaults 10 and 1 min).
 	EventBurst    int
 	EventInterval time.Duration
 }
@@ -62,7 +56,7 @@ type Status struct {
 type Publisher struct {
 	opts Options
 	log  *slog.Logger
-	ref  *corev1.ObjectReference
+	ref  *kube.ObjectReference
 
 	mu     sync.Mutex
 	status Status
@@ -95,9 +89,7 @@ func New(opts Options) (*Publisher, error) {
 	return &Publisher{
 		opts: opts,
 		log:  opts.Logger,
-		// As the kubelet names its Node in Events: kubectl describe node
-		// finds them by this UID.
-		ref: &corev1.ObjectReference{Kind: "Node", APIVersion: "v1", Name: opts.NodeName, UID: types.UID(opts.NodeName)},
+		ref:  kube.NodeReference(opts.NodeName),
 	}, nil
 }
 
@@ -111,15 +103,15 @@ func (p *Publisher) Status() Status {
 // Run publishes at start, after every health change (debounced), after a
 // failure (with backoff) and every Resync, until ctx ends.
 func (p *Publisher) Run(ctx context.Context) error {
-	// The broadcaster's spam filter keys on source, object, type and
-	// reason: a storm of transitions makes EventBurst Events, then one per
-	// EventInterval. It sends from its own goroutine, never blocking here.
-	b := record.NewBroadcaster(record.WithContext(ctx), record.WithCorrelatorOptions(record.CorrelatorOptions{
-		BurstSize: p.opts.EventBurst, QPS: float32(1 / p.opts.EventInterval.Seconds()),
-	}))
-	defer b.Shutdown()
-	b.StartRecordingToSink(p.opts.Client.EventSink(ctx))
-	rec := b.NewRecorder(p.opts.Client.Scheme(), corev1.EventSource{Component: "gpu-plugin", Host: p.opts.NodeName})
+	// The recorder's spam filter keys on source, object and type: a storm
+	// of transitions makes EventBurst Events, then one per EventInterval.
+	// It sends from its own goroutine, never blocking here.
+	rec := p.opts.Client.NewRecorder(ctx, kube.RecorderOptions{
+		Source: kube.EventSource{Component: "gpu-plugin", Host: p.opts.NodeName},
+		Burst:  p.opts.EventBurst, QPS: 1 / p.opts.EventInterval.Seconds(),
+		Logger: p.log,
+	})
+	defer rec.Shutdown()
 
 	timer := time.NewTimer(0) // the first round at once
 	defer timer.Stop()
@@ -185,15 +177,15 @@ func (p *Publisher) Run(ctx context.Context) error {
 	}
 }
 
-func (p *Publisher) event(rec record.EventRecorder, t transition) {
+func (p *Publisher) event(rec *kube.Recorder, t transition) {
 	p.mu.Lock()
 	p.status.Events++
 	p.mu.Unlock()
 	if t.Healthy {
-		rec.Eventf(p.ref, corev1.EventTypeNormal, ReasonHealthy, "%s is healthy again", t.name())
+		rec.Eventf(p.ref, kube.EventTypeNormal, ReasonHealthy, "%s is healthy again", t.name())
 		return
 	}
-	rec.Eventf(p.ref, corev1.EventTypeWarning, ReasonUnhealthy, "%s is unhealthy: %s", t.name(), t.Reason)
+	rec.Eventf(p.ref, kube.EventTypeWarning, ReasonUnhealthy, "%s is unhealthy: %s", t.name(), t.Reason)
 }
 
 // sync makes the Node show gpus: the condition, and the taint. It writes
@@ -233,35 +225,35 @@ func (p *Publisher) sync(ctx context.Context, gpus []gpuHealth) (int, error) {
 // conditionPatch is the strategic merge patch that sets the condition on
 // node's status (conditions merge by type), or nil when it already reads
 // want. The transition time is kept while the status stays.
-func conditionPatch(node *corev1.Node, want condition, now time.Time) []byte {
-	transition := metav1.NewTime(now)
+func conditionPatch(node *kube.Node, want condition, now time.Time) []byte {
+	transition := kube.NewTime(now)
 	for _, c := range node.Status.Conditions {
-		if string(c.Type) != ConditionType {
+		if c.Type != ConditionType {
 			continue
 		}
-		if string(c.Status) == want.Status && c.Reason == want.Reason && c.Message == want.Message {
+		if c.Status == want.Status && c.Reason == want.Reason && c.Message == want.Message {
 			return nil
 		}
-		if string(c.Status) == want.Status {
+		if c.Status == want.Status {
 			transition = c.LastTransitionTime
 		}
 	}
-	patch, _ := json.Marshal(map[string]any{"status": map[string]any{"conditions": []corev1.NodeCondition{{
-		Type: ConditionType, Status: corev1.ConditionStatus(want.Status), Reason: want.Reason, Message: want.Message,
-		LastHeartbeatTime: metav1.NewTime(now), LastTransitionTime: transition,
+	patch, _ := json.Marshal(map[string]any{"status": map[string]any{"conditions": []kube.NodeCondition{{
+		Type: ConditionType, Status: want.Status, Reason: want.Reason, Message: want.Message,
+		LastHeartbeatTime: kube.NewTime(now), LastTransitionTime: transition,
 	}}}})
 	return patch
 }
 
-func hasTaint(node *corev1.Node) bool {
-	return slices.ContainsFunc(node.Spec.Taints, func(t corev1.Taint) bool { return t.Key == TaintKey })
+func hasTaint(node *kube.Node) bool {
+	return slices.ContainsFunc(node.Spec.Taints, func(t kube.Taint) bool { return t.Key == TaintKey })
 }
 
 // setTaint adds or removes TaintKey. Taints do not merge by key, so it is
 // a read-modify-write, retried on a conflict with the kubelet's own
 // writes.
 func (p *Publisher) setTaint(ctx context.Context, on bool) error {
-	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+	err := kube.RetryOnConflict(ctx, func() error {
 		node, err := p.opts.Client.GetNode(ctx, p.opts.NodeName)
 		if err != nil {
 			return err
@@ -269,9 +261,9 @@ func (p *Publisher) setTaint(ctx context.Context, on bool) error {
 		if hasTaint(node) == on {
 			return nil
 		}
-		node.Spec.Taints = slices.DeleteFunc(node.Spec.Taints, func(t corev1.Taint) bool { return t.Key == TaintKey })
+		node.Spec.Taints = slices.DeleteFunc(node.Spec.Taints, func(t kube.Taint) bool { return t.Key == TaintKey })
 		if on {
-			node.Spec.Taints = append(node.Spec.Taints, corev1.Taint{Key: TaintKey, Effect: corev1.TaintEffectNoSchedule})
+			node.Spec.Taints = append(node.Spec.Taints, kube.Taint{Key: TaintKey, Effect: kube.TaintEffectNoSchedule})
 		}
 		return p.opts.Client.UpdateNode(ctx, node)
 	})

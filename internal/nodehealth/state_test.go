@@ -6,10 +6,8 @@ import (
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
+	"github.com/gpu-plugin/gpu-plugin/internal/kube"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 )
 
@@ -112,23 +110,25 @@ func TestTransitions(t *testing.T) {
 
 func TestConditionPatch(t *testing.T) {
 	now := time.Date(2026, 12, 3, 6, 0, 0, 0, time.UTC)
-	then := metav1.NewTime(now.Add(-time.Hour))
-	node := func(conds ...corev1.NodeCondition) *corev1.Node {
-		return &corev1.Node{Status: corev1.NodeStatus{Conditions: conds}}
+	then := kube.NewTime(now.Add(-time.Hour))
+	node := func(conds ...kube.NodeCondition) *kube.Node {
+		n := &kube.Node{}
+		n.Status.Conditions = conds
+		return n
 	}
 	sickCond := condition{Status: "False", Reason: ReasonUnhealthy, Message: "1 of 8 GPUs unhealthy: x"}
-	ready := corev1.NodeCondition{Type: corev1.NodeReady, Status: corev1.ConditionTrue}
+	ready := kube.NodeCondition{Type: "Ready", Status: "True"}
 	tests := []struct {
 		name           string
-		node           *corev1.Node
+		node           *kube.Node
 		want           condition
 		none           bool
 		keepTransition bool
 	}{
 		{name: "absent", node: node(ready), want: sickCond},
-		{name: "same", node: node(ready, corev1.NodeCondition{Type: ConditionType, Status: "False", Reason: ReasonUnhealthy, Message: sickCond.Message, LastTransitionTime: then}), want: sickCond, none: true},
-		{name: "new message, same status", node: node(corev1.NodeCondition{Type: ConditionType, Status: "False", Reason: ReasonUnhealthy, Message: "other", LastTransitionTime: then}), want: sickCond, keepTransition: true},
-		{name: "status flips", node: node(corev1.NodeCondition{Type: ConditionType, Status: "True", Reason: ReasonHealthy, LastTransitionTime: then}), want: sickCond},
+		{name: "same", node: node(ready, kube.NodeCondition{Type: ConditionType, Status: "False", Reason: ReasonUnhealthy, Message: sickCond.Message, LastTransitionTime: then}), want: sickCond, none: true},
+		{name: "new message, same status", node: node(kube.NodeCondition{Type: ConditionType, Status: "False", Reason: ReasonUnhealthy, Message: "other", LastTransitionTime: then}), want: sickCond, keepTransition: true},
+		{name: "status flips", node: node(kube.NodeCondition{Type: ConditionType, Status: "True", Reason: ReasonHealthy, LastTransitionTime: then}), want: sickCond},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -141,7 +141,7 @@ func TestConditionPatch(t *testing.T) {
 			}
 			var got struct {
 				Status struct {
-					Conditions []corev1.NodeCondition `json:"conditions"`
+					Conditions []kube.NodeCondition `json:"conditions"`
 				} `json:"status"`
 			}
 			if err := json.Unmarshal(p, &got); err != nil || len(got.Status.Conditions) != 1 {
