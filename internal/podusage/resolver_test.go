@@ -1,19 +1,16 @@
 package podusage
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
-	"time"
+
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 // fakeProc is a procRoot in a temp dir: <pid>/stat and <pid>/cgroup
@@ -291,152 +288,23 @@ func BenchmarkLookupCached(b *testing.B) {
 	}
 }
 
-// The tests below put a real process into real kubelet-style cgroups and
-// resolve it through the real /proc. They need root; a machine that cannot
-// run them skips them, except under CI=true, where they must run.
-
-func skipUnlessCI(t *testing.T, why string) {
-	t.Helper()
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("%s (CI=true: this test must run)", why)
-	}
-	t.Skip(why)
-}
-
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		skipUnlessCI(t, "needs root to create cgroups and move a process into them")
-	}
-}
+// The tests below put a real process into real kubelet-style cgroups
+// (internal/testkit) and resolve it through the real /proc. They need
+// root; a machine that cannot run them skips them, except under CI=true,
+// where they must run.
 
 func TestLookupRealCgroupV1(t *testing.T) {
-	requireRoot(t)
-	root := v1Hierarchy(t)
-	uid, cid := randomUID(t), randomHex(t, 32)
-	leaf := mkdirs(t, root, "podusage-test-"+cid[:12], "kubepods", "burstable", "pod"+uid, cid)
-	pid := startSleeper(t)
-	join(t, leaf, pid)
-	checkLookup(t, pid, Owner{uid, cid})
+	cg := testkit.PodCgroups(t, testkit.Cgroupfs)
+	uid, cid := testkit.RandomPodUID(t), testkit.RandomContainerID(t)
+	pid := cg.Add(uid, cid)
+	checkLookup(t, uint32(pid), Owner{uid, cid})
 }
 
 func TestLookupRealCgroupV2(t *testing.T) {
-	requireRoot(t)
-	root := mountCgroup(t, "cgroup2", "")
-	uid, cid := randomUID(t), randomHex(t, 32)
-	leaf := mkdirs(t, root, "podusage-test-"+cid[:12], "kubepods.slice", "kubepods-besteffort.slice",
-		"kubepods-besteffort-pod"+strings.ReplaceAll(uid, "-", "_")+".slice", "cri-containerd-"+cid+".scope")
-	pid := startSleeper(t)
-	join(t, leaf, pid)
-	checkLookup(t, pid, Owner{uid, cid})
-}
-
-// v1Hierarchy returns a mounted cgroup v1 hierarchy: the host's pids or
-// cpu controller, or on a host without v1 controllers (cgroup v2 only) a
-// named hierarchy of the test's own, with no controller.
-func v1Hierarchy(t *testing.T) string {
-	const cgroupSuperMagic = 0x27e0eb
-	for _, dir := range []string{"/sys/fs/cgroup/pids", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"} {
-		var st syscall.Statfs_t
-		if syscall.Statfs(dir, &st) == nil && st.Type == cgroupSuperMagic {
-			return dir
-		}
-	}
-	return namedV1Hierarchy(t, "podusage-test")
-}
-
-// namedV1Hierarchy mounts a cgroup v1 hierarchy with no controller. An
-// unmounted hierarchy goes within milliseconds, unless removed child
-// cgroups were still being released when it was unmounted: then the
-// kernel keeps it, listed in every /proc/<pid>/cgroup, until it is
-// mounted again and unmounted with no children.
-func namedV1Hierarchy(t *testing.T, name string) string {
-	listed := func() bool {
-		own, _ := os.ReadFile("/proc/self/cgroup")
-		return strings.Contains(string(own), ":name="+name+":")
-	}
-	t.Cleanup(func() { // runs after mountCgroup's unmount
-		for range 5 {
-			for range 50 {
-				if !listed() {
-					return
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
-			dir, err := os.MkdirTemp("", "podusage-cgroup")
-			if err != nil {
-				break
-			}
-			if syscall.Mount("none", dir, "cgroup", 0, "none,name="+name) == nil {
-				syscall.Unmount(dir, 0)
-			}
-			os.Remove(dir)
-		}
-		t.Errorf("cgroup v1 hierarchy name=%s left behind", name)
-	})
-	return mountCgroup(t, "cgroup", "none,name="+name)
-}
-
-// mountCgroup mounts a cgroup filesystem on a temp dir until the test ends.
-func mountCgroup(t *testing.T, fstype, data string) string {
-	dir := t.TempDir()
-	if err := syscall.Mount("none", dir, fstype, 0, data); err != nil {
-		skipUnlessCI(t, fmt.Sprintf("cannot mount %s (%q) at %s: %v", fstype, data, dir, err))
-	}
-	t.Cleanup(func() {
-		if err := syscall.Unmount(dir, 0); err != nil {
-			t.Errorf("unmount %s: %v", dir, err)
-		}
-	})
-	return dir
-}
-
-// mkdirs creates the cgroups root/names[0]/names[1]/… and removes them,
-// deepest first, when the test ends; it returns the deepest.
-func mkdirs(t *testing.T, root string, names ...string) string {
-	dir := root
-	for _, name := range names {
-		dir = filepath.Join(dir, name)
-		if err := os.Mkdir(dir, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		d := dir
-		t.Cleanup(func() {
-			// A process just killed can keep its cgroup busy for a moment.
-			var err error
-			for range 100 {
-				if err = syscall.Rmdir(d); err != syscall.EBUSY {
-					break
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
-			if err != nil {
-				t.Errorf("cgroup %s left behind: %v", d, err)
-			}
-		})
-	}
-	return dir
-}
-
-// startSleeper starts a process that is killed and reaped when the test
-// ends, before the cgroups made earlier are removed.
-func startSleeper(t *testing.T) uint32 {
-	cmd := exec.Command("sleep", "60")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	return uint32(cmd.Process.Pid)
-}
-
-func join(t *testing.T, cgroup string, pid uint32) {
-	t.Helper()
-	if err := os.WriteFile(filepath.Join(cgroup, "cgroup.procs"), []byte(strconv.FormatUint(uint64(pid), 10)), 0); err != nil {
-		t.Fatalf("moving pid %d into %s: %v", pid, cgroup, err)
-	}
+	cg := testkit.PodCgroups(t, testkit.Systemd)
+	uid, cid := testkit.RandomPodUID(t), testkit.RandomContainerID(t)
+	pid := cg.AddQoS(testkit.BestEffort, uid, cid)
+	checkLookup(t, uint32(pid), Owner{uid, cid})
 }
 
 func checkLookup(t *testing.T, pid uint32, want Owner) {
@@ -452,17 +320,4 @@ func checkLookup(t *testing.T, pid uint32, want Owner) {
 			t.Fatalf("lookup %d: Lookup(%d) = %+v, %v; want %+v", i+1, pid, got, err, want)
 		}
 	}
-}
-
-func randomHex(t *testing.T, bytes int) string {
-	b := make([]byte, bytes)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(b)
-}
-
-func randomUID(t *testing.T) string {
-	h := randomHex(t, 16)
-	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
 }

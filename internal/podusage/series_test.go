@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -94,11 +95,31 @@ func (s *simNode) allocate(t *testing.T, pods ...*fakepodresourcesPod) {
 			Devices: []fakepodresources.Devices{{Resource: p.resource, IDs: []string{p.id}}}}))
 	}
 	s.kubelet.SetPods(list...)
-	before := s.cache.Status().Successes
 	s.cache.Refresh()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := s.cache.WaitFor(ctx, func(_ *podresources.Snapshot, st podresources.Status) bool { return st.Successes > before }); err != nil {
+	// Wait for these holders, not for any refresh: one already in flight
+	// may carry the previous list.
+	has := func(snap *podresources.Snapshot, _ podresources.Status) bool {
+		if snap == nil {
+			return false
+		}
+		n := 0
+		for _, hs := range snap.ByUnit {
+			n += len(hs)
+		}
+		if n != len(pods) {
+			return false
+		}
+		for _, p := range pods {
+			unit, _, _ := strings.Cut(p.id, "::")
+			if !slices.ContainsFunc(snap.Holders(unit), func(h podresources.Holder) bool { return h.Pod == p.name }) {
+				return false
+			}
+		}
+		return true
+	}
+	if err := s.cache.WaitFor(ctx, has); err != nil {
 		t.Fatal(err)
 	}
 }

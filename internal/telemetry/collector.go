@@ -56,7 +56,7 @@ type CollectorOptions struct {
 	// (--kubernetes-virtual-gpus). Off, the DCGM families keep one series
 	// per device, so sums over them stay right.
 	PerPodDCGM bool
-	Now                      func() time.Time
+	Now        func() time.Time
 }
 
 // Collector serves the latest snapshot under dcgm-exporter's names, plus

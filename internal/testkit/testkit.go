@@ -1,7 +1,8 @@
 // Package testkit holds helpers shared by the packages' tests: an
 // inventory scanned from a simulated profile through the production
-// scanner, a driver root laid out for it, a manual clock, and a log buffer
-// safe for concurrent writers.
+// scanner, a driver root laid out for it, a manual clock, a log buffer
+// safe for concurrent writers, and real kubelet-style pod cgroups holding
+// real processes (cgroups.go).
 package testkit
 
 import (

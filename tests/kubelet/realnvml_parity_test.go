@@ -13,15 +13,10 @@ import (
 	"fmt"
 	"math"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
-	gonvml "github.com/NVIDIA/go-nvml/pkg/nvml"
-
-	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/telemetry"
 	"github.com/gpu-plugin/gpu-plugin/internal/telemetry/nvmlbackend"
 )
@@ -71,50 +66,23 @@ func TestRealNVMLParity(t *testing.T) {
 	libDir := fakeNVMLDir(t)
 	for _, pc := range parityCases {
 		t.Run(pc.name, func(t *testing.T) {
-			if os.Getenv(parityChildEnv) != "" {
-				parityChecks(t, libDir, pc)
-				return
-			}
 			profile := pc.profile
-			if profile == "" {
+			if profile == "" && os.Getenv(parityChildEnv) == "" {
 				profile = filepath.Join(t.TempDir(), "pcie-pair.profile")
 				if err := os.WriteFile(profile, []byte(pcieOnlyProfile), 0o644); err != nil {
 					t.Fatal(err)
 				}
 			}
-			// The library reads its profile once and is never unloaded:
-			// each profile in a child process of its own.
-			cmd := exec.Command(os.Args[0], "-test.run=^TestRealNVMLParity$/^"+pc.name+"$", "-test.v")
-			cmd.Env = append(os.Environ(), parityChildEnv+"=1", fakeNVMLEnv+"="+libDir,
-				"FAKE_NVML_PROFILE="+profile, "FAKE_NVML_SOCKET="+filepath.Join(t.TempDir(), "ctl.sock"))
-			out, err := cmd.CombinedOutput()
-			if err != nil || !strings.Contains(string(out), "--- PASS: TestRealNVMLParity/"+pc.name) {
-				t.Fatalf("the checks in a child process (%v):\n%s", err, out)
+			// Each profile in a child process of its own.
+			if inFakeNVMLChild(t, parityChildEnv, libDir, profile) {
+				parityChecks(t, libDir, pc)
 			}
-			t.Logf("child process:\n%s", out)
 		})
 	}
 }
 
 func parityChecks(t *testing.T, libDir string, pc parityCase) {
-	lib := gonvml.New(gonvml.WithLibraryPath(filepath.Join(libDir, fakeNVMLSoname)))
-	ours, err := nvml.Open(lib)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ours.Close()
-	procRoot := t.TempDir() // the driver's mig-minors, for the scan
-	minors := filepath.Join(procRoot, "driver", "nvidia-caps", "mig-minors")
-	if err := os.MkdirAll(filepath.Dir(minors), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(minors, nvml.DriverMIGMinors(8), 0o444); err != nil {
-		t.Fatal(err)
-	}
-	inv, err := nvml.Scan(ours, nvml.ScanOptions{ProcRoot: procRoot})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ours, inv := openFakeNVML(t, libDir)
 	if g := inv.GPUs[pc.busy]; g.MIGEnabled {
 		t.Fatalf("GPU %d has MIG on; the case wants it whole", pc.busy)
 	}

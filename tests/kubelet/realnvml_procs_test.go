@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -34,39 +35,10 @@ const procsChildEnv = "GPU_PLUGIN_PROCS_CHILD"
 func TestRealNVMLBackendProcesses(t *testing.T) {
 	requireKubeletNamespace(t)
 	libDir := fakeNVMLDir(t)
-	// The library reads its profile and socket once, when first loaded,
-	// and is never unloaded: another test of this binary may have loaded
-	// it already, so the checks run in a child process of their own.
-	if os.Getenv(procsChildEnv) == "" {
-		cmd := exec.Command(os.Args[0], "-test.run=^"+t.Name()+"$", "-test.v")
-		cmd.Env = append(os.Environ(), procsChildEnv+"=1", fakeNVMLEnv+"="+libDir,
-			"FAKE_NVML_PROFILE=dgx-a100-mig", "FAKE_NVML_SOCKET="+filepath.Join(t.TempDir(), "ctl.sock"))
-		out, err := cmd.CombinedOutput()
-		if err != nil || !strings.Contains(string(out), "--- PASS: "+t.Name()) {
-			t.Fatalf("the checks in a child process (%v):\n%s", err, out)
-		}
-		t.Logf("child process:\n%s", out)
+	if !inFakeNVMLChild(t, procsChildEnv, libDir, "dgx-a100-mig") {
 		return
 	}
-
-	lib := gonvml.New(gonvml.WithLibraryPath(filepath.Join(libDir, fakeNVMLSoname)))
-	ours, err := nvml.Open(lib)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ours.Close()
-	procRoot := t.TempDir() // the driver's mig-minors, for the scan
-	minors := filepath.Join(procRoot, "driver", "nvidia-caps", "mig-minors")
-	if err := os.MkdirAll(filepath.Dir(minors), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(minors, nvml.DriverMIGMinors(8), 0o444); err != nil {
-		t.Fatal(err)
-	}
-	inv, err := nvml.Scan(ours, nvml.ScanOptions{ProcRoot: procRoot})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ours, inv := openFakeNVML(t, libDir)
 	layout := telemetry.NewLayout(inv, 1)
 	backend := nvmlbackend.New(nvmlbackend.Options{Lib: ours})
 	defer backend.Close()
@@ -158,6 +130,63 @@ func TestRealNVMLBackendProcesses(t *testing.T) {
 	if calls := ctl("calls"); strings.Contains(calls, "nvmlDeviceGetProcessesUtilizationInfo") {
 		t.Errorf("the backend called nvmlDeviceGetProcessesUtilizationInfo, which go-nvml v0.13.4-1 cannot use: %s", calls)
 	}
+}
+
+// inFakeNVMLChild runs the test t (a subtest too) again in a child
+// process of this test binary, with childEnv=1, the library on profile
+// and a control socket of its own in FAKE_NVML_SOCKET, and reports false;
+// in that child it reports true: the caller runs its checks. The library
+// reads its profile and socket once, when first loaded, and is never
+// unloaded: another test of this binary may have loaded it already, so
+// checks on it run in a child process of their own. The child's failure
+// fails t, its skip skips t.
+func inFakeNVMLChild(t *testing.T, childEnv, libDir, profile string) bool {
+	t.Helper()
+	if os.Getenv(childEnv) != "" {
+		return true
+	}
+	var run []string
+	for _, name := range strings.Split(t.Name(), "/") {
+		run = append(run, "^"+regexp.QuoteMeta(name)+"$")
+	}
+	cmd := exec.Command(os.Args[0], "-test.run="+strings.Join(run, "/"), "-test.v")
+	cmd.Env = append(os.Environ(), childEnv+"=1", fakeNVMLEnv+"="+libDir,
+		"FAKE_NVML_PROFILE="+profile, "FAKE_NVML_SOCKET="+filepath.Join(t.TempDir(), "ctl.sock"))
+	out, err := cmd.CombinedOutput()
+	switch {
+	case err == nil && strings.Contains(string(out), "--- SKIP: "+t.Name()+" "):
+		t.Skipf("skipped in the child process:\n%s", out)
+	case err != nil || !strings.Contains(string(out), "--- PASS: "+t.Name()+" "):
+		t.Fatalf("the checks in a child process (%v):\n%s", err, out)
+	}
+	t.Logf("child process:\n%s", out)
+	return false
+}
+
+// openFakeNVML opens the fake library through go-nvml's real dlopen (in a
+// child process: inFakeNVMLChild) and scans it as the daemon does, with
+// the driver's mig-minors for 8 GPUs; the library is closed at cleanup.
+func openFakeNVML(t *testing.T, libDir string) (*nvml.Library, *nvml.Inventory) {
+	t.Helper()
+	lib := gonvml.New(gonvml.WithLibraryPath(filepath.Join(libDir, fakeNVMLSoname)))
+	ours, err := nvml.Open(lib)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ours.Close() })
+	procRoot := t.TempDir()
+	minors := filepath.Join(procRoot, "driver", "nvidia-caps", "mig-minors")
+	if err := os.MkdirAll(filepath.Dir(minors), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(minors, nvml.DriverMIGMinors(8), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	inv, err := nvml.Scan(ours, nvml.ScanOptions{ProcRoot: procRoot})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ours, inv
 }
 
 // fakeCtl returns a function sending one command to the fake library's
