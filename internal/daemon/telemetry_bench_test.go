@@ -130,76 +130,104 @@ func BenchmarkDaemonScrape(b *testing.B) {
 //
 //	go test -run '^$' -bench DaemonRSS -benchtime 1x ./internal/daemon/
 func BenchmarkDaemonRSS(b *testing.B) {
+	bin, profile, secs := rssSetup(b)
+	for b.Loop() {
+		daemonRSS(b, bin, profile, secs, nil)
+	}
+}
+
+// rssSetup builds the binary and reads the benchmark's settings.
+func rssSetup(b *testing.B) (bin, profile string, secs int) {
 	goBin, err := exec.LookPath("go")
 	if err != nil {
 		b.Skip("needs the go command to build the binary")
 	}
-	secs := 20
+	secs = 20
 	if s, err := strconv.Atoi(os.Getenv("TELEMETRY_RSS_SECONDS")); err == nil && s > 0 {
 		secs = s
 	}
-	dir := b.TempDir()
-	bin := filepath.Join(dir, "gpu-plugin")
+	bin = filepath.Join(b.TempDir(), "gpu-plugin")
 	build := exec.Command(goBin, "build", "-o", bin, "../../cmd/gpu-plugin")
 	if out, err := build.CombinedOutput(); err != nil {
 		b.Fatalf("building: %v\n%s", err, out)
 	}
-	profile, err := filepath.Abs(migNode)
+	if profile, err = filepath.Abs(migNode); err != nil {
+		b.Fatal(err)
+	}
+	return bin, profile, secs
+}
+
+// rssOptions are what a variant of the RSS benchmark adds: flags, work
+// once the daemon serves (metrics is its /metrics URL, base its /sim
+// base), and what a scrape must show before it counts as attributed.
+type rssOptions struct {
+	args       []string
+	started    func(base string)
+	attributed func(body string) bool
+}
+
+// daemonRSS runs the binary once and reports its memory.
+func daemonRSS(b *testing.B, bin, profile string, secs int, o *rssOptions) {
+	if o == nil {
+		o = &rssOptions{}
+	}
+	if o.attributed == nil {
+		o.attributed = func(body string) bool { return strings.Count(body, "gpu_plugin_pod_gpu_info{") == 100 }
+	}
+	srv, socket := podResources(b)
+	servePods(srv, hundredPods(b, migUUIDs(b, migNode)))
+	kdir := socketDir(b)
+	k, err := fakekubelet.Start(kdir, nil)
 	if err != nil {
 		b.Fatal(err)
 	}
-	for b.Loop() {
-		srv, socket := podResources(b)
-		servePods(srv, hundredPods(b, migUUIDs(b, migNode)))
-		kdir := socketDir(b)
-		k, err := fakekubelet.Start(kdir, nil)
-		if err != nil {
-			b.Fatal(err)
-		}
-		addr := freeLoopbackAddr(b)
-		cmd := exec.Command(bin, "--simulate="+profile, "--mig-strategy=mixed", "--kubelet-socket-dir="+kdir,
-			"--metrics-address="+addr, "--pod-resources-socket="+socket, "--node-labels=false", "--node-name=bench")
-		var logs testkit.Buffer
-		cmd.Stdout, cmd.Stderr = &logs, &logs
-		if err := cmd.Start(); err != nil {
-			b.Fatal(err)
-		}
-		exited := make(chan error, 1)
-		go func() { exited <- cmd.Wait() }()
-		stop := func() {
-			_ = cmd.Process.Signal(os.Interrupt)
-			select {
-			case <-exited:
-			case <-time.After(10 * time.Second):
-				_ = cmd.Process.Kill()
-				<-exited
-			}
-			k.Stop()
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		if err := k.WaitForAllocatable(ctx, "nvidia.com/mig-1g.5gb", 56, 56); err != nil {
-			cancel()
-			stop()
-			b.Fatalf("the daemon did not register: %v\n%s", err, logs.String())
-		}
-		cancel()
-		deadline := time.Now().Add(time.Duration(secs) * time.Second)
-		scrapes, attributed := 0, false
-		for time.Now().Before(deadline) {
-			_, body := get(b, "http://"+addr+"/metrics")
-			attributed = attributed || strings.Count(body, "gpu_plugin_pod_gpu_info{") == 100
-			scrapes++
-			time.Sleep(100 * time.Millisecond)
-		}
-		rss, hwm := procStatus(b, cmd.Process.Pid, "VmRSS"), procStatus(b, cmd.Process.Pid, "VmHWM")
-		stop()
-		if !attributed {
-			b.Errorf("the daemon never served 100 attributed pods\n%s", logs.String())
-		}
-		b.ReportMetric(rss/1024, "VmRSS-MB")
-		b.ReportMetric(hwm/1024, "VmHWM-MB")
-		b.ReportMetric(float64(scrapes), "scrapes")
+	addr := freeLoopbackAddr(b)
+	args := append([]string{"--simulate=" + profile, "--mig-strategy=mixed", "--kubelet-socket-dir=" + kdir,
+		"--metrics-address=" + addr, "--pod-resources-socket=" + socket, "--node-labels=false", "--node-name=bench"}, o.args...)
+	cmd := exec.Command(bin, args...)
+	var logs testkit.Buffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
 	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	stop := func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+		k.Stop()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	if err := k.WaitForAllocatable(ctx, "nvidia.com/mig-1g.5gb", 56, 56); err != nil {
+		cancel()
+		stop()
+		b.Fatalf("the daemon did not register: %v\n%s", err, logs.String())
+	}
+	cancel()
+	if o.started != nil {
+		o.started("http://" + addr)
+	}
+	deadline := time.Now().Add(time.Duration(secs) * time.Second)
+	scrapes, attributed := 0, false
+	for time.Now().Before(deadline) {
+		_, body := get(b, "http://"+addr+"/metrics")
+		attributed = attributed || o.attributed(body)
+		scrapes++
+		time.Sleep(100 * time.Millisecond)
+	}
+	rss, hwm := procStatus(b, cmd.Process.Pid, "VmRSS"), procStatus(b, cmd.Process.Pid, "VmHWM")
+	stop()
+	if !attributed {
+		b.Errorf("the daemon never served the 100 pods attributed\n%s", logs.String())
+	}
+	b.ReportMetric(rss/1024, "VmRSS-MB")
+	b.ReportMetric(hwm/1024, "VmHWM-MB")
+	b.ReportMetric(float64(scrapes), "scrapes")
 }
 
 // procStatus reads a kB field of /proc/<pid>/status.
