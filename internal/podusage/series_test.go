@@ -10,9 +10,6 @@ import (
 	"testing"
 	"time"
 
-	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 	podresourcesv1 "k8s.io/kubelet/pkg/apis/podresources/v1"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
@@ -22,6 +19,7 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/sim"
 	"github.com/gpu-plugin/gpu-plugin/internal/telemetry"
 	"github.com/gpu-plugin/gpu-plugin/internal/telemetry/nvmlbackend"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 // simNode is the whole per-pod path on a simulated DGX A100 in mixed MIG
@@ -134,31 +132,9 @@ func (s *simNode) scrape(t *testing.T) map[string]map[string]float64 {
 	s.sampler.SampleOnce(context.Background())
 	var b bytes.Buffer
 	s.collector.WriteText(&b)
-	p := expfmt.NewTextParser(model.LegacyValidation)
-	fams, err := p.TextToMetricFamilies(strings.NewReader(b.String()))
-	if err != nil {
-		t.Fatalf("the exposition does not parse: %v\n%s", err, b.String())
-	}
-	out := map[string]map[string]float64{}
-	for name, f := range fams {
-		out[name] = map[string]float64{}
-		for _, m := range f.Metric {
-			var kv []string
-			for _, l := range m.Label {
-				kv = append(kv, l.GetName()+"="+l.GetValue())
-			}
-			out[name][strings.Join(kv, ",")] = value(m)
-		}
-	}
-	return out
+	return testkit.Exposition(t, b.Bytes())
 }
 
-func value(m *dto.Metric) float64 {
-	if m.Gauge != nil {
-		return m.Gauge.GetValue()
-	}
-	return m.Counter.GetValue()
-}
 
 // find returns the values of a family's series whose labels include all of
 // want ("name=value").

@@ -25,8 +25,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 	podresourcesv1 "k8s.io/kubelet/pkg/apis/podresources/v1"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
@@ -381,23 +379,7 @@ func (n *perPodNode) scrape(t *testing.T) map[string]map[string]float64 {
 	n.lastRound = time.Now()
 	var b bytes.Buffer
 	n.collector.WriteText(&b)
-	parser := expfmt.NewTextParser(model.LegacyValidation)
-	fams, err := parser.TextToMetricFamilies(bytes.NewReader(b.Bytes()))
-	if err != nil {
-		t.Fatalf("the exposition does not parse: %v\n%s", err, b.String())
-	}
-	out := map[string]map[string]float64{}
-	for name, f := range fams {
-		out[name] = map[string]float64{}
-		for _, m := range f.Metric {
-			var kv []string
-			for _, l := range m.Label {
-				kv = append(kv, l.GetName()+"="+l.GetValue())
-			}
-			out[name][strings.Join(kv, ",")] = m.GetGauge().GetValue()
-		}
-	}
-	return out
+	return testkit.Exposition(t, b.Bytes())
 }
 
 // seriesWith returns the series having every label in want ("name=value").
