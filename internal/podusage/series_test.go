@@ -135,7 +135,6 @@ func (s *simNode) scrape(t *testing.T) map[string]map[string]float64 {
 	return testkit.Exposition(t, b.Bytes())
 }
 
-
 // find returns the values of a family's series whose labels include all of
 // want ("name=value").
 func find(fam map[string]float64, want ...string) []float64 {
