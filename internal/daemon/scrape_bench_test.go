@@ -6,15 +6,12 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/fakekubelet"
-	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 // BenchmarkConcurrentScrapes builds the gpu-plugin binary and runs it on
@@ -27,10 +24,6 @@ import (
 //
 //	go test -run '^$' -bench ConcurrentScrapes -benchtime 1x ./internal/daemon/
 func BenchmarkConcurrentScrapes(b *testing.B) {
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		b.Skip("needs the go command to build the binary")
-	}
 	rounds := 5
 	if s := os.Getenv("SCRAPE_ROUNDS"); s != "" {
 		if _, err := fmt.Sscan(s, &rounds); err != nil || rounds < 1 {
@@ -40,11 +33,7 @@ func BenchmarkConcurrentScrapes(b *testing.B) {
 	// SCRAPE_BIN measures another build (e.g. an older commit's) instead.
 	bin := os.Getenv("SCRAPE_BIN")
 	if bin == "" {
-		bin = filepath.Join(b.TempDir(), "gpu-plugin")
-		build := exec.Command(goBin, "build", "-o", bin, "../../cmd/gpu-plugin")
-		if out, err := build.CombinedOutput(); err != nil {
-			b.Fatalf("building: %v\n%s", err, out)
-		}
+		bin = buildDaemon(b)
 	}
 	for _, clients := range []int{1, 200, 1000} {
 		b.Run(fmt.Sprintf("clients=%d", clients), func(b *testing.B) {
@@ -63,24 +52,9 @@ func scrapeLoad(b *testing.B, bin string, clients, rounds int) {
 	}
 	defer k.Stop()
 	addr := freeLoopbackAddr(b)
-	cmd := exec.Command(bin, "--simulate=dgx-a100-mig", "--kubelet-socket-dir="+kdir, "--metrics-address="+addr,
+	cmd, logs, stop := startDaemon(b, bin, "--simulate=dgx-a100-mig", "--kubelet-socket-dir="+kdir, "--metrics-address="+addr,
 		"--pod-resources-socket=", "--node-labels=false", "--node-name=bench")
-	var logs testkit.Buffer
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	defer func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-		}
-	}()
+	defer stop()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := k.WaitFor(ctx, func(k *fakekubelet.Kubelet) bool { return len(k.Resources()) > 0 }); err != nil {

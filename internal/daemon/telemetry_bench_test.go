@@ -138,23 +138,52 @@ func BenchmarkDaemonRSS(b *testing.B) {
 
 // rssSetup builds the binary and reads the benchmark's settings.
 func rssSetup(b *testing.B) (bin, profile string, secs int) {
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		b.Skip("needs the go command to build the binary")
-	}
+	bin = buildDaemon(b)
 	secs = 20
 	if s, err := strconv.Atoi(os.Getenv("TELEMETRY_RSS_SECONDS")); err == nil && s > 0 {
 		secs = s
 	}
-	bin = filepath.Join(b.TempDir(), "gpu-plugin")
-	build := exec.Command(goBin, "build", "-o", bin, "../../cmd/gpu-plugin")
-	if out, err := build.CombinedOutput(); err != nil {
-		b.Fatalf("building: %v\n%s", err, out)
-	}
-	if profile, err = filepath.Abs(migNode); err != nil {
+	profile, err := filepath.Abs(migNode)
+	if err != nil {
 		b.Fatal(err)
 	}
 	return bin, profile, secs
+}
+
+// buildDaemon builds the gpu-plugin binary for a benchmark that runs it as
+// its own process (skipped without the go command).
+func buildDaemon(b *testing.B) string {
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		b.Skip("needs the go command to build the binary")
+	}
+	bin := filepath.Join(b.TempDir(), "gpu-plugin")
+	if out, err := exec.Command(goBin, "build", "-o", bin, "../../cmd/gpu-plugin").CombinedOutput(); err != nil {
+		b.Fatalf("building: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// startDaemon runs the binary with args; stop interrupts it and waits (a
+// kill after 10 s).
+func startDaemon(b *testing.B, bin string, args ...string) (cmd *exec.Cmd, logs *testkit.Buffer, stop func()) {
+	cmd = exec.Command(bin, args...)
+	logs = &testkit.Buffer{}
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	return cmd, logs, func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+	}
 }
 
 // rssOptions are what a variant of the RSS benchmark adds: flags, work
@@ -184,22 +213,9 @@ func daemonRSS(b *testing.B, bin, profile string, secs int, o *rssOptions) {
 	addr := freeLoopbackAddr(b)
 	args := append([]string{"--simulate=" + profile, "--mig-strategy=mixed", "--kubelet-socket-dir=" + kdir,
 		"--metrics-address=" + addr, "--pod-resources-socket=" + socket, "--node-labels=false", "--node-name=bench"}, o.args...)
-	cmd := exec.Command(bin, args...)
-	var logs testkit.Buffer
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
+	cmd, logs, stopDaemon := startDaemon(b, bin, args...)
 	stop := func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-		}
+		stopDaemon()
 		k.Stop()
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
