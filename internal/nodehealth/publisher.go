@@ -127,16 +127,21 @@ func (p *Publisher) Run(ctx context.Context) error {
 	backoff := p.opts.MinBackoff
 	var last []gpuHealth // the previous round, for Events
 	var lastErr string
+	changed := p.opts.Health.Changed()
 	for {
-		changed := p.opts.Health.Changed()
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-changed:
+			changed = p.opts.Health.Changed()
 			schedule(p.opts.Debounce, false)
 			continue
 		case <-timer.C:
 		}
+		// The channel is taken again before the state is read, so a change
+		// made while this round runs (after its snapshot) wakes the loop;
+		// taken after the round, it would be lost.
+		changed = p.opts.Health.Changed()
 		gpus := nodeGPUs(p.opts.Inventory(), p.opts.Health.Snapshot())
 		for _, t := range transitions(last, gpus) {
 			p.event(rec, t)
