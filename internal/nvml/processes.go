@@ -34,9 +34,22 @@ const valueNotAvailable = ^uint64(0)
 
 // ComputeProcesses lists the compute processes on a GPU handle (all of
 // them, with their MIG instance IDs on a MIG GPU) or on a MIG device
-// handle (that device's).
+// handle (that device's). Under MPS it lists the MPS server, not its
+// clients (MPSComputeProcesses).
 func ComputeProcesses(lib *Library, h gonvml.Device) ([]ProcessInfo, error) {
-	ps, err := Call(lib, "nvmlDeviceGetComputeRunningProcesses", h.GetComputeRunningProcesses)
+	return processList(lib, "nvmlDeviceGetComputeRunningProcesses", h.GetComputeRunningProcesses)
+}
+
+// MPSComputeProcesses lists the MPS client processes on a GPU or MIG
+// device handle: the CUDA programs that reach the GPU through an MPS
+// server. NOT_SUPPORTED (IsNotSupported) where the driver has no such list
+// (before Volta, vGPU hosts, an NVML without the call).
+func MPSComputeProcesses(lib *Library, h gonvml.Device) ([]ProcessInfo, error) {
+	return processList(lib, "nvmlDeviceGetMPSComputeRunningProcesses", h.GetMPSComputeRunningProcesses)
+}
+
+func processList(lib *Library, op string, call func() ([]gonvml.ProcessInfo, gonvml.Return)) ([]ProcessInfo, error) {
+	ps, err := Call(lib, op, call)
 	if err != nil || len(ps) == 0 {
 		return nil, err
 	}

@@ -58,13 +58,69 @@ func TestComputeProcesses(t *testing.T) {
 		{name: "lost", ret: gonvml.ERROR_GPU_IS_LOST, wantErr: "nvmlDeviceGetComputeRunningProcesses: ERROR_GPU_IS_LOST"},
 		{name: "no permission", ret: gonvml.ERROR_NO_PERMISSION, wantErr: "nvmlDeviceGetComputeRunningProcesses: ERROR_NO_PERMISSION"},
 	} {
+		// The MPS client list answers in the same form, under its own
+		// name.
+		for _, list := range processLists {
+			t.Run(list.name+"/"+tc.name, func(t *testing.T) {
+				lib := openMock(t)
+				d := &mock.Device{}
+				list.set(d, func() ([]gonvml.ProcessInfo, gonvml.Return) { return tc.procs, tc.ret })
+				got, err := list.call(lib, d)
+				want := tc.wantErr
+				if want != "" {
+					want = strings.Replace(want, "nvmlDeviceGetComputeRunningProcesses", list.op, 1)
+				}
+				checkErr(t, err, want)
+				if !reflect.DeepEqual(got, tc.want) {
+					t.Errorf("got %+v, want %+v", got, tc.want)
+				}
+			})
+		}
+	}
+}
+
+// processLists are the two process-list wrappers, each with the mock
+// method it calls.
+var processLists = []struct {
+	name, op string
+	call     func(*Library, gonvml.Device) ([]ProcessInfo, error)
+	set      func(*mock.Device, func() ([]gonvml.ProcessInfo, gonvml.Return))
+}{
+	{"compute", "nvmlDeviceGetComputeRunningProcesses", ComputeProcesses,
+		func(d *mock.Device, f func() ([]gonvml.ProcessInfo, gonvml.Return)) {
+			d.GetComputeRunningProcessesFunc = f
+		}},
+	{"MPS", "nvmlDeviceGetMPSComputeRunningProcesses", MPSComputeProcesses,
+		func(d *mock.Device, f func() ([]gonvml.ProcessInfo, gonvml.Return)) {
+			d.GetMPSComputeRunningProcessesFunc = f
+		}},
+}
+
+// TestMPSComputeProcessesNotSupported: NOT_SUPPORTED, and an NVML without
+// the call (a mock without the method panics), read as not supported, so
+// the caller stops asking; other failures do not.
+func TestMPSComputeProcessesNotSupported(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		set     bool
+		ret     gonvml.Return
+		notSupp bool
+	}{
+		{"NOT_SUPPORTED", true, gonvml.ERROR_NOT_SUPPORTED, true},
+		{"function not found", true, gonvml.ERROR_FUNCTION_NOT_FOUND, true},
+		{"not implemented", false, 0, true},
+		{"no permission", true, gonvml.ERROR_NO_PERMISSION, false},
+		{"lost", true, gonvml.ERROR_GPU_IS_LOST, false},
+	} {
 		t.Run(tc.name, func(t *testing.T) {
 			lib := openMock(t)
-			d := &mock.Device{GetComputeRunningProcessesFunc: func() ([]gonvml.ProcessInfo, gonvml.Return) { return tc.procs, tc.ret }}
-			got, err := ComputeProcesses(lib, d)
-			checkErr(t, err, tc.wantErr)
-			if !reflect.DeepEqual(got, tc.want) {
-				t.Errorf("got %+v, want %+v", got, tc.want)
+			d := &mock.Device{}
+			if tc.set {
+				d.GetMPSComputeRunningProcessesFunc = func() ([]gonvml.ProcessInfo, gonvml.Return) { return nil, tc.ret }
+			}
+			_, err := MPSComputeProcesses(lib, d)
+			if err == nil || IsNotSupported(err) != tc.notSupp {
+				t.Errorf("err %v: not supported %v, want %v", err, IsNotSupported(err), tc.notSupp)
 			}
 		})
 	}
@@ -80,6 +136,10 @@ func TestComputeProcessesGuarded(t *testing.T) {
 	}}
 	if _, err := ComputeProcesses(lib, d); !errors.Is(err, ErrNotInitialized) || called {
 		t.Errorf("after Close: err %v, NVML called %v; want ErrNotInitialized and no call", err, called)
+	}
+	d.GetMPSComputeRunningProcessesFunc = d.GetComputeRunningProcessesFunc
+	if _, err := MPSComputeProcesses(lib, d); !errors.Is(err, ErrNotInitialized) || called {
+		t.Errorf("after Close: MPSComputeProcesses err %v, NVML called %v; want ErrNotInitialized and no call", err, called)
 	}
 	if _, err := ProcessUtilization(lib, d, 0); !errors.Is(err, ErrNotInitialized) {
 		t.Errorf("after Close: ProcessUtilization err %v, want ErrNotInitialized", err)

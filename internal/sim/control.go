@@ -48,8 +48,8 @@ import (
 //	POST /sim/gpus/{index}/ecc-errors?sbe=N&dbe=N[&agg_sbe=N&agg_dbe=N][&enabled=false]
 //	                                    ECC error totals and mode (ecc.go)
 //	PUT  /sim/gpus/{index}/processes    JSON [{"pid": 4242, "used_mib": 2048, "sm_util": 40,
-//	                                    "mem_util": 5, "mig": "<MIG UUID or GPU instance ID>"}]:
-//	                                    replace the GPU's compute processes (processes.go)
+//	                                    "mem_util": 5, "mig": "<MIG UUID or GPU instance ID>", "mps": false}]:
+//	                                    replace the GPU's compute processes and MPS clients (processes.go)
 //	GET  /sim/gpus/{index}/processes    the GPU's compute processes
 func (n *Node) Handler() http.Handler {
 	mux := http.NewServeMux()

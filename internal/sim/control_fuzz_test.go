@@ -28,7 +28,8 @@ import (
 //   - whatever was accepted, the node stays consistent: every GPU is
 //     listed once with telemetry in the ranges the API enforces, its
 //     processes are valid (a PID once, percentages, memory within the
-//     device's, on a current MIG device exactly when MIG is on), and
+//     device's, on a current MIG device exactly when MIG is on, an MPS
+//     client only without MIG), and
 //     unless a GPU is lost or a fault is armed, the production scanner
 //     sees exactly the MIG layout the state reports.
 //
@@ -72,6 +73,9 @@ func FuzzControlAPI(f *testing.F) {
 		{"PUT", "/sim/gpus/6/processes", `[{"pid": -1, "used_mib": 1e300}]`},
 		{"PUT", "/sim/gpus/6/processes", `[{"pid": 9, "used_mib": 40960}, {"pid": 10, "used_mib": 1}]`},
 		{"GET", "/sim/gpus/6/processes", ""},
+		{"PUT", "/sim/gpus/6/processes", `[{"pid": 4242, "used_mib": 512, "sm_util": 20, "mps": true}, {"pid": 4243, "mps": false}]`},
+		{"PUT", "/sim/gpus/1/processes", `[{"pid": 7, "mig": 3, "mps": true}]`},
+		{"PUT", "/sim/gpus/6/processes", `[{"pid": 7, "mps": "true"}]`},
 	} {
 		f.Add(s.method, s.target, []byte(s.body))
 	}
@@ -160,7 +164,7 @@ func (n *Node) checkProcesses(t *testing.T, what string, i int, g GPUState) {
 	for _, p := range g.Processes {
 		_, known := capMiB[p.MIG]
 		if p.PID == 0 || p.PID > maxPID || pids[p.PID] || p.SMUtil > 100 || p.MemUtil > 100 ||
-			!known || (p.MIG == "") == g.MIGEnabled {
+			!known || (p.MIG == "") == g.MIGEnabled || (p.MPS && g.MIGEnabled) {
 			t.Fatalf("after %s: GPU %d (MIG %v) has an invalid process %+v", what, i, g.MIGEnabled, p)
 		}
 		pids[p.PID] = true

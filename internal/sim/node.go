@@ -6,6 +6,7 @@ package sim
 
 import (
 	"fmt"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -91,6 +92,7 @@ type Node struct {
 	libFaults map[string]gonvml.Return
 	waitLost  bool
 	gpm       map[*mock.GpmSample]*gpmRecord // allocated GPM samples and what they saw (telemetry.go)
+	mpsServer uint32                         // the MPS server's PID (processes.go)
 }
 
 type gpuState struct {
@@ -135,6 +137,7 @@ func NewNode(p *Profile, now func() time.Time) *Node {
 		faults: map[faultKey]gonvml.Return{},
 
 		libFaults: map[string]gonvml.Return{},
+		mpsServer: uint32(os.Getpid()),
 	}
 	t0 := now()
 	for _, g := range n.spec.gpus {

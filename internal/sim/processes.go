@@ -2,9 +2,15 @@ package sim
 
 // Compute processes on simulated GPUs, for per-pod accounting: what
 // nvmlDeviceGetComputeRunningProcesses lists (on a GPU handle all of the
-// GPU's processes, on a MIG handle that device's) and what
+// GPU's processes, on a MIG handle that device's), what
+// nvmlDeviceGetMPSComputeRunningProcesses lists (the MPS clients) and what
 // nvmlDeviceGetProcessUtilization samples, set through the control API like
 // fakenvml's `proc` command.
+//
+// MPS as the driver shows it: a client is on the MPS list only, and while
+// a GPU has one the compute list has the MPS server instead, a process of
+// PID MPSServerPID using no memory of its own here. MPS is simulated on
+// whole GPUs only.
 
 import (
 	"bytes"
@@ -12,6 +18,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -40,6 +47,8 @@ type Process struct {
 	// instance ID in decimal when setting; "" for a GPU without MIG. The
 	// state always reports the UUID.
 	MIG string `json:"mig,omitempty"`
+	// MPS makes the process an MPS client (whole GPUs only).
+	MPS bool `json:"mps,omitempty"`
 }
 
 // simProc is a process as the node keeps it.
@@ -50,13 +59,14 @@ type simProc struct {
 }
 
 // ProcessFields names the fields of PUT /sim/gpus/{i}/processes entries.
-const ProcessFields = "pid (required), used_mib, sm_util, mem_util, mig (a MIG device's UUID or GPU instance ID)"
+const ProcessFields = "pid (required), used_mib, sm_util, mem_util, mig (a MIG device's UUID or GPU instance ID), mps (true: an MPS client, on a GPU without MIG)"
 
 // SetProcesses replaces a GPU's compute processes. On a GPU in MIG mode each
 // names its MIG device (UUID or GPU instance ID); on one without, none does.
 // A process with SM or memory utilization above 0 gets a new utilization
 // sample each sampling period, the first one newer than any the GPU gave
-// before. A MIG re-layout ends the GPU's processes.
+// before. A process with MPS set is an MPS client, on a GPU without MIG
+// only. A MIG re-layout ends the GPU's processes.
 func (n *Node) SetProcesses(gpu int, procs []Process) error {
 	if err := n.validGPU(gpu); err != nil {
 		return err
@@ -72,10 +82,14 @@ func (n *Node) SetProcesses(gpu int, procs []Process) error {
 	out := make([]simProc, 0, len(procs))
 	seen := make(map[uint32]int, len(procs))
 	used := map[*simMIG]uint64{}
+	mps := slices.ContainsFunc(procs, func(p Process) bool { return p.MPS })
 	for k, p := range procs {
 		at := fmt.Sprintf("processes[%d]", k)
 		if p.PID == 0 || p.PID > maxPID {
 			return fmt.Errorf("%s.pid %d: want 1..%d (a Linux PID)", at, p.PID, maxPID)
+		}
+		if mps && p.PID == n.mpsServer {
+			return fmt.Errorf("%s.pid %d is the simulated MPS server's, listed while the GPU has an MPS client: use another", at, p.PID)
 		}
 		if j, dup := seen[p.PID]; dup {
 			return fmt.Errorf("%s.pid %d is also processes[%d]: list a process once", at, p.PID, j)
@@ -83,6 +97,9 @@ func (n *Node) SetProcesses(gpu int, procs []Process) error {
 		seen[p.PID] = k
 		if p.SMUtil > 100 || p.MemUtil > 100 {
 			return fmt.Errorf("%s: sm_util %d, mem_util %d: want percentages 0..100", at, p.SMUtil, p.MemUtil)
+		}
+		if p.MPS && s.mig.enabled {
+			return fmt.Errorf("%s.mps: GPU %d is in MIG mode: the simulator runs MPS clients on whole GPUs only", at, gpu)
 		}
 		m, err := s.mig.find(p.MIG)
 		switch {
@@ -169,12 +186,27 @@ func (s *gpuState) procsMiBLocked(m *simMIG) uint64 {
 	return sum
 }
 
+// MPSServerPID is the PID the compute list gives the MPS server of a GPU
+// with an MPS client: the simulator's own process (the daemon's, under
+// --simulate), a real process that runs in no pod that holds a GPU, as
+// the MPS control daemon's server does.
+func (n *Node) MPSServerPID() uint32 { return n.mpsServer }
+
 // addProcessFuncs gives a GPU's mock its process calls.
 func (n *Node) addProcessFuncs(d *mock.Device, g *simGPU) {
 	i := g.index
 	d.GetComputeRunningProcessesFunc = func() ([]gonvml.ProcessInfo, gonvml.Return) {
 		return read(n, i, "GetComputeRunningProcesses", func(s *gpuState) []gonvml.ProcessInfo {
-			return processInfos(s.procs, nil)
+			out := processInfos(s.procs, nil, false)
+			if slices.ContainsFunc(s.procs, func(p simProc) bool { return p.MPS }) {
+				out = append(out, gonvml.ProcessInfo{Pid: n.mpsServer, GpuInstanceId: noInstance, ComputeInstanceId: noInstance})
+			}
+			return out
+		})
+	}
+	d.GetMPSComputeRunningProcessesFunc = func() ([]gonvml.ProcessInfo, gonvml.Return) {
+		return read(n, i, "GetMPSComputeRunningProcesses", func(s *gpuState) []gonvml.ProcessInfo {
+			return processInfos(s.procs, nil, true)
 		})
 	}
 	d.GetProcessUtilizationFunc = func(lastSeen uint64) ([]gonvml.ProcessUtilizationSample, gonvml.Return) {
@@ -211,7 +243,14 @@ func (n *Node) addMIGProcessFuncs(d *mock.Device, g *simGPU, m *simMIG) {
 	i := g.index
 	d.GetComputeRunningProcessesFunc = func() ([]gonvml.ProcessInfo, gonvml.Return) {
 		return read(n, i, "GetComputeRunningProcesses", func(s *gpuState) []gonvml.ProcessInfo {
-			return processInfos(s.procs, m)
+			return processInfos(s.procs, m, false)
+		})
+	}
+	// No MPS on MIG devices here (SetProcesses refuses it): an empty list,
+	// as the driver gives where no MPS server runs.
+	d.GetMPSComputeRunningProcessesFunc = func() ([]gonvml.ProcessInfo, gonvml.Return) {
+		return read(n, i, "GetMPSComputeRunningProcesses", func(s *gpuState) []gonvml.ProcessInfo {
+			return processInfos(s.procs, m, true)
 		})
 	}
 	d.GetProcessUtilizationFunc = func(uint64) ([]gonvml.ProcessUtilizationSample, gonvml.Return) {
@@ -222,12 +261,13 @@ func (n *Node) addMIGProcessFuncs(d *mock.Device, g *simGPU, m *simMIG) {
 	}
 }
 
-// processInfos lists the processes on a MIG device, or all of them (nil),
-// with their instance IDs (0xFFFFFFFF without MIG), as NVML does.
-func processInfos(procs []simProc, on *simMIG) []gonvml.ProcessInfo {
+// processInfos lists the MPS clients (mps) or the other processes on a
+// MIG device, or on the whole GPU (nil), with their instance IDs
+// (0xFFFFFFFF without MIG), as NVML does.
+func processInfos(procs []simProc, on *simMIG, mps bool) []gonvml.ProcessInfo {
 	out := make([]gonvml.ProcessInfo, 0, len(procs))
 	for _, p := range procs {
-		if on != nil && p.mig != on {
+		if (on != nil && p.mig != on) || p.MPS != mps {
 			continue
 		}
 		info := gonvml.ProcessInfo{Pid: p.PID, UsedGpuMemory: p.UsedMiB << 20, GpuInstanceId: noInstance, ComputeInstanceId: noInstance}
@@ -247,6 +287,7 @@ type processBody struct {
 	SMUtil  int64           `json:"sm_util"`
 	MemUtil int64           `json:"mem_util"`
 	MIG     json.RawMessage `json:"mig"` // a string (UUID or GPU instance ID) or a number (GPU instance ID)
+	MPS     json.RawMessage `json:"mps"` // true, false or null
 }
 
 // parseProcesses reads a PUT /sim/gpus/{i}/processes body: a JSON array
@@ -299,7 +340,11 @@ func parseProcesses(r io.Reader) ([]Process, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%s.mig: %v", at, err)
 		}
-		out = append(out, Process{PID: uint32(*b.PID), UsedMiB: uint64(b.UsedMiB), SMUtil: uint32(b.SMUtil), MemUtil: uint32(b.MemUtil), MIG: mig})
+		mps, err := flag(b.MPS)
+		if err != nil {
+			return nil, fmt.Errorf("%s.mps: %v", at, err)
+		}
+		out = append(out, Process{PID: uint32(*b.PID), UsedMiB: uint64(b.UsedMiB), SMUtil: uint32(b.SMUtil), MemUtil: uint32(b.MemUtil), MIG: mig, MPS: mps})
 	}
 	return out, nil
 }
@@ -320,6 +365,18 @@ func migRef(raw json.RawMessage) (string, error) {
 	return "", fmt.Errorf("%s: want a MIG device's UUID or GPU instance ID", raw)
 }
 
+// flag reads a JSON boolean: absent or null is false.
+func flag(raw json.RawMessage) (bool, error) {
+	if len(raw) == 0 || string(raw) == "null" {
+		return false, nil
+	}
+	var v bool
+	if json.Unmarshal(raw, &v) != nil {
+		return false, fmt.Errorf("%s: want true or false", raw)
+	}
+	return v, nil
+}
+
 func firstErr(errs ...error) error {
 	for _, e := range errs {
 		if e != nil {
@@ -331,9 +388,9 @@ func firstErr(errs ...error) error {
 
 // addProcessHandlers serves
 //
-//	PUT /sim/gpus/{index}/processes   JSON [{"pid": 4242, "used_mib": 2048, "sm_util": 40, "mem_util": 5, "mig": "MIG-…"}]:
-//	                                  replace the GPU's compute processes
-//	GET /sim/gpus/{index}/processes   the GPU's compute processes
+//	PUT /sim/gpus/{index}/processes   JSON [{"pid": 4242, "used_mib": 2048, "sm_util": 40, "mem_util": 5, "mig": "MIG-…", "mps": false}]:
+//	                                  replace the GPU's compute processes and MPS clients
+//	GET /sim/gpus/{index}/processes   the GPU's compute processes and MPS clients (not the MPS server)
 func (n *Node) addProcessHandlers(mux *http.ServeMux) {
 	mux.HandleFunc("PUT /sim/gpus/{index}/processes", n.gpuHandler(func(gpu int, r *http.Request) (any, error) {
 		procs, err := parseProcesses(r.Body)

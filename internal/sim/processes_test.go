@@ -53,6 +53,12 @@ func TestProcessesControlAPIErrors(t *testing.T) {
 		{"mig of the wrong type", "/sim/gpus/1/processes", `[{"pid": 7, "mig": true}]`, 400, "want a MIG device's UUID or GPU instance ID"},
 		{"no mig on a MIG GPU", "/sim/gpus/1/processes", `[{"pid": 7}]`, 400, "GPU 1 is in MIG mode: name the process's MIG device"},
 		{"no such GPU", "/sim/gpus/8/processes", `[]`, 404, "GPUs 0..7"},
+		{"mps on a MIG GPU", "/sim/gpus/1/processes", `[{"pid": 7, "mig": 3, "mps": true}]`, 400, "processes[0].mps: GPU 1 is in MIG mode: the simulator runs MPS clients on whole GPUs only"},
+		{"mps on a MIG GPU, no mig", "/sim/gpus/1/processes", `[{"pid": 7, "mps": true}]`, 400, "processes[0].mps: GPU 1 is in MIG mode"},
+		{"mps a string", "/sim/gpus/5/processes", `[{"pid": 7, "mps": "yes"}]`, 400, `processes[0].mps: "yes": want true or false`},
+		{"mps a number", "/sim/gpus/5/processes", `[{"pid": 7}, {"pid": 8, "mps": 1}]`, 400, "processes[1].mps: 1: want true or false"},
+		{"the MPS server's pid beside a client", "/sim/gpus/5/processes", fmt.Sprintf(`[{"pid": 8, "mps": true}, {"pid": %d}]`, n.MPSServerPID()), 400,
+			fmt.Sprintf("processes[1].pid %d is the simulated MPS server's", n.MPSServerPID())},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -221,5 +227,120 @@ func TestProcessUtilizationNotRecorded(t *testing.T) {
 	}
 	if c := len(n.devices[0].(simDevice).GetProcessUtilizationCalls()); c != 0 {
 		t.Errorf("the mock recorded %d calls", c)
+	}
+}
+
+// TestMPSThroughNVML: MPS clients are on NVML's MPS list and not on the
+// compute list, which has the MPS server instead while a client runs; a
+// client's memory and utilization are reported as any process's.
+func TestMPSThroughNVML(t *testing.T) {
+	p, err := LoadProfile("dgx-a100-mig")
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC)
+	n := NewNode(p, func() time.Time { return now })
+	srv := httptest.NewServer(n.Handler())
+	t.Cleanup(srv.Close)
+	lib := n.NVML()
+	d5, _ := lib.DeviceGetHandleByIndex(5)
+	server := n.MPSServerPID()
+	// PIDs far from a test binary's, which is the simulated MPS server.
+	const plain, c1, c2, c3 = 4_000_100, 4_000_200, 4_000_201, 4_000_300
+	info := func(pid uint32, mib uint64) gonvml.ProcessInfo {
+		return gonvml.ProcessInfo{Pid: pid, UsedGpuMemory: mib << 20, GpuInstanceId: noInstance, ComputeInstanceId: noInstance}
+	}
+	for _, step := range []struct {
+		name, body   string
+		compute, mps []gonvml.ProcessInfo
+		usedMiB      uint64
+		wantGET      []Process
+		sampled      []uint32 // PIDs with a utilization sample
+	}{
+		{
+			name:    "two clients and a plain process",
+			body:    `[{"pid": %[1]d, "used_mib": 1024}, {"pid": %[3]d, "used_mib": 256, "mps": true}, {"pid": %[2]d, "used_mib": 512, "sm_util": 30, "mps": true}]`,
+			compute: []gonvml.ProcessInfo{info(plain, 1024), info(server, 0)},
+			mps:     []gonvml.ProcessInfo{info(c2, 256), info(c1, 512)},
+			usedMiB: 1792,
+			wantGET: []Process{{PID: plain, UsedMiB: 1024}, {PID: c2, UsedMiB: 256, MPS: true}, {PID: c1, UsedMiB: 512, SMUtil: 30, MPS: true}},
+			sampled: []uint32{c1},
+		},
+		{
+			name:    "mps false is a plain process",
+			body:    `[{"pid": %[1]d, "used_mib": 1024, "mps": false}, {"pid": %[2]d, "used_mib": 512, "sm_util": 30, "mps": null}]`,
+			compute: []gonvml.ProcessInfo{info(plain, 1024), info(c1, 512)},
+			mps:     []gonvml.ProcessInfo{},
+			usedMiB: 1536,
+			wantGET: []Process{{PID: plain, UsedMiB: 1024}, {PID: c1, UsedMiB: 512, SMUtil: 30}},
+			sampled: []uint32{c1},
+		},
+		{
+			name:    "the server stays while a client does",
+			body:    `[{"pid": %[4]d, "used_mib": 64, "sm_util": 5, "mps": true}]`,
+			compute: []gonvml.ProcessInfo{info(server, 0)},
+			mps:     []gonvml.ProcessInfo{info(c3, 64)},
+			usedMiB: 64,
+			wantGET: []Process{{PID: c3, UsedMiB: 64, SMUtil: 5, MPS: true}},
+			sampled: []uint32{c3},
+		},
+		{
+			name:    "the last client goes, and the server with it",
+			body:    `[]`,
+			compute: []gonvml.ProcessInfo{},
+			mps:     []gonvml.ProcessInfo{},
+			wantGET: []Process{},
+		},
+	} {
+		t.Run(step.name, func(t *testing.T) {
+			body := step.body
+			if strings.Contains(body, "%") {
+				body = fmt.Sprintf(body, plain, c1, c2, c3)
+			}
+			if status, out := do(t, "PUT", srv.URL+"/sim/gpus/5/processes", body); status != 200 {
+				t.Fatalf("PUT: %d %v", status, out)
+			}
+			if got := getProcesses(t, srv.URL+"/sim/gpus/5/processes"); !reflect.DeepEqual(got, step.wantGET) {
+				t.Errorf("GET: %+v, want %+v (no server: it is NVML's, not set)", got, step.wantGET)
+			}
+			if got, ret := d5.GetComputeRunningProcesses(); ret != gonvml.SUCCESS || !reflect.DeepEqual(got, step.compute) {
+				t.Errorf("GetComputeRunningProcesses: %+v %v, want %+v", got, ret, step.compute)
+			}
+			if got, ret := d5.GetMPSComputeRunningProcesses(); ret != gonvml.SUCCESS || !reflect.DeepEqual(got, step.mps) {
+				t.Errorf("GetMPSComputeRunningProcesses: %+v %v, want %+v", got, ret, step.mps)
+			}
+			if mem, _ := d5.GetMemoryInfo_v2(); mem.Used != step.usedMiB<<20 {
+				t.Errorf("memory used %d MiB, want %d", mem.Used>>20, step.usedMiB)
+			}
+			s, _ := d5.GetProcessUtilization(0)
+			var sampled []uint32
+			for _, x := range s {
+				sampled = append(sampled, x.Pid)
+			}
+			if !reflect.DeepEqual(sampled, step.sampled) {
+				t.Errorf("utilization samples of %v, want %v", sampled, step.sampled)
+			}
+		})
+	}
+
+	// MIG devices have an MPS list, always empty here; faults and loss
+	// reach the MPS call as any other.
+	d1, _ := lib.DeviceGetHandleByIndex(1)
+	m0, _ := d1.GetMigDeviceHandleByIndex(0)
+	if got, ret := m0.GetMPSComputeRunningProcesses(); ret != gonvml.SUCCESS || len(got) != 0 {
+		t.Errorf("MIG device's MPS list: %+v %v, want empty", got, ret)
+	}
+	if got, ret := d1.GetMPSComputeRunningProcesses(); ret != gonvml.SUCCESS || len(got) != 0 {
+		t.Errorf("MIG GPU's MPS list: %+v %v, want empty", got, ret)
+	}
+	if status, out := do(t, "POST", srv.URL+"/sim/gpus/1/fault?call=GetMPSComputeRunningProcesses&error=NOT_SUPPORTED", ""); status != 200 {
+		t.Fatalf("fault: %d %v", status, out)
+	}
+	if _, ret := m0.GetMPSComputeRunningProcesses(); ret != gonvml.ERROR_NOT_SUPPORTED {
+		t.Errorf("fault on the parent: %v, want NOT_SUPPORTED on its MIG device", ret)
+	}
+	n.SetLost(5, true)
+	if _, ret := d5.GetMPSComputeRunningProcesses(); ret != gonvml.ERROR_GPU_IS_LOST {
+		t.Errorf("lost GPU: %v", ret)
 	}
 }

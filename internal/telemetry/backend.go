@@ -52,14 +52,18 @@ type Result struct {
 	// ProcUtil says Procs carry per-process SM utilization. NVML has none
 	// on MIG devices (and on MIG-enabled GPUs): memory only there.
 	ProcUtil bool
+	// MPSRead says Procs include the target's MPS clients: NVML's MPS
+	// list was read with the processes (a driver without one leaves it
+	// false: clients there are not told apart, nor counted).
+	MPSRead bool
 	// Err is set when the device could not be read this round; its
 	// previous values then age until they are no longer served.
 	Err error
 }
 
 // Process is one compute process on a GPU or MIG device, as NVML lists it
-// (nvmlDeviceGetComputeRunningProcesses, and for utilization
-// nvmlDeviceGetProcessUtilization).
+// (nvmlDeviceGetComputeRunningProcesses, nvmlDeviceGetMPSComputeRunningProcesses
+// for MPS clients, and for utilization nvmlDeviceGetProcessUtilization).
 type Process struct {
 	// PID is as the driver reports it: a host PID when the daemon runs in
 	// the host's PID namespace (hostPID), which per-pod accounting needs.
@@ -72,6 +76,10 @@ type Process struct {
 	// lists only processes that used the GPU). Meaningful only with
 	// Result.ProcUtil.
 	SMUtil float64
+	// MPSClient: NVML lists the process as an MPS client (a CUDA program
+	// that reaches the GPU through an MPS server). The MPS server itself
+	// is an ordinary compute process.
+	MPSClient bool
 }
 
 // Request is one sampling round.

@@ -287,6 +287,7 @@ func (c *Collector) WriteText(buf *bytes.Buffer) {
 	took := c.opts.Now().Sub(start)
 	if u != nil {
 		u.writeUnattributed(buf)
+		u.writeMPS(buf) // gpu_plugin_mps_… sorts between …_gpu_unattributed_… and …_pod_…
 	}
 	if c.opts.Pods != nil && v != nil {
 		buf.Write(v.infoText)

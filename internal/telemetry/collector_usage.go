@@ -17,6 +17,10 @@ const (
 	UnattributedMemoryName = "gpu_plugin_gpu_unattributed_memory_used_bytes"
 	UnattributedSMUtilName = "gpu_plugin_gpu_unattributed_sm_utilization_ratio"
 	UnattributedProcsName  = "gpu_plugin_gpu_unattributed_processes"
+	// MPSClientsName counts each device's MPS clients, with per-pod
+	// accounting (the processes are read only then).
+	MPSClientsName = "gpu_plugin_mps_clients"
+	mpsClientsHelp = "MPS client processes on the GPU or MIG device, from NVML's MPS process list (nvmlDeviceGetMPSComputeRunningProcesses); absent for a device whose processes were not read this round, or whose NVML has no MPS list."
 	// LabelPodUID is the pod's UID on per-pod series, as dcgm-exporter
 	// names it.
 	LabelPodUID = "pod_uid"
@@ -50,6 +54,8 @@ var (
 		newUsageFamily(UnattributedProcsName, "Compute processes on the device that belong to no pod allocated it.", procsOf),
 		newUsageFamily(UnattributedSMUtilName, "SM utilization, 0-1, of processes on the GPU that belong to no pod allocated it.", smOf),
 	}
+	mpsHeader = header(MPSClientsName, mpsClientsHelp, "gauge")
+	mpsDesc   = prometheus.NewDesc(MPSClientsName, mpsClientsHelp, nil, nil)
 )
 
 // usageView is a snapshot's per-pod series, labelled: built once per
@@ -66,6 +72,12 @@ type usageView struct {
 	unText            [][]byte
 	// ownOrder and unOrder are the entries in exposition order.
 	ownOrder, unOrder []int
+	// dev and devText are each target's join labels, for the per-device
+	// gpu_plugin_mps_clients; devOrder is the targets in exposition order.
+	// They depend on the layout alone.
+	dev      [][]*dto.LabelPair
+	devText  [][]byte
+	devOrder []int
 	// mixed orders a DCGM family's device series and per-pod series
 	// together, as a registry sorts them: >= 0 a device index, < 0 the
 	// per-pod entry -k-1.
@@ -90,7 +102,7 @@ func (c *Collector) usageViewFor(snap *Snapshot, v *view) *usageView {
 		*u = *prev
 		u.snap = snap
 	} else {
-		u = c.buildUsageView(snap, v)
+		u = c.buildUsageView(snap, v, prev)
 	}
 	c.uview.Store(u)
 	return u
@@ -116,10 +128,21 @@ func sameShape(a, b *Snapshot) bool {
 	return true
 }
 
-func (c *Collector) buildUsageView(snap *Snapshot, v *view) *usageView {
+func (c *Collector) buildUsageView(snap *Snapshot, v *view, prev *usageView) *usageView {
 	use := snap.Usage
 	u := &usageView{snap: snap, v: v}
 	targets := snap.Layout.Targets
+	if prev != nil && prev.snap.Layout == snap.Layout {
+		u.dev, u.devText, u.devOrder = prev.dev, prev.devText, prev.devOrder
+	} else {
+		for i := range targets {
+			var lp labelSet
+			c.addUnitLabels(&lp, &targets[i])
+			u.dev = append(u.dev, lp.sorted())
+			u.devText = append(u.devText, render(lp))
+		}
+		u.devOrder = sortedBy(u.dev)
+	}
 	for k := range use.Pods {
 		p := &use.Pods[k]
 		t := &targets[p.Target]
@@ -206,6 +229,28 @@ func (u *usageView) writeUnattributed(buf *bytes.Buffer) {
 	writeFamilies(buf, unattributedFamilies, func(k int) *UnitUsage { return &un[k] }, u.unText, u.unOrder)
 }
 
+// writeMPS appends gpu_plugin_mps_clients: one series per device whose
+// MPS list was read this round, counted when the round was published.
+func (u *usageView) writeMPS(buf *bytes.Buffer) {
+	var num [32]byte
+	wrote := false
+	for _, i := range u.devOrder {
+		d := &u.snap.Devices[i]
+		if !d.MPSRead {
+			continue
+		}
+		if !wrote {
+			buf.Write(mpsHeader)
+			wrote = true
+		}
+		buf.WriteString(MPSClientsName)
+		buf.Write(u.devText[i])
+		buf.WriteByte(' ')
+		buf.Write(appendFloat(num[:0], float64(d.MPSClients)))
+		buf.WriteByte('\n')
+	}
+}
+
 func (u *usageView) writePods(buf *bytes.Buffer) {
 	pods := u.snap.Usage.Pods
 	writeFamilies(buf, podFamilies, func(k int) *UnitUsage { return &pods[k].UnitUsage }, u.ownText, u.ownOrder)
@@ -258,6 +303,11 @@ func (u *usageView) collectUsage(ch chan<- prometheus.Metric) {
 			if x, ok := f.value(&use.Unattributed[k]); ok {
 				ch <- &usageSeries{desc: f.desc, labels: u.un[k], value: x}
 			}
+		}
+	}
+	for i := range u.snap.Devices {
+		if d := &u.snap.Devices[i]; d.MPSRead {
+			ch <- &usageSeries{desc: mpsDesc, labels: u.dev[i], value: float64(d.MPSClients)}
 		}
 	}
 }

@@ -284,7 +284,7 @@ func (s *Sampler) sampleProcesses(ctx context.Context, req *Request) {
 	}
 	for i := range out {
 		if out[i].Err == nil && out[i].ProcsRead {
-			req.Out[i].Procs, req.Out[i].ProcsRead, req.Out[i].ProcUtil = out[i].Procs, true, out[i].ProcUtil
+			req.Out[i].Procs, req.Out[i].ProcsRead, req.Out[i].ProcUtil, req.Out[i].MPSRead = out[i].Procs, true, out[i].ProcUtil, out[i].MPSRead
 		}
 	}
 }
@@ -410,6 +410,9 @@ func (s *Sampler) publish(layout *Layout, out []Result, start, end time.Time) {
 		if r.Err == nil {
 			d.Values, d.At = r.Values, end
 			d.Procs, d.ProcsRead, d.ProcUtil = r.Procs, r.ProcsRead, r.ProcUtil
+			if r.ProcsRead && r.MPSRead {
+				d.MPSRead, d.MPSClients = true, mpsClients(r.Procs)
+			}
 			if old != nil && old.Stale {
 				s.log.Info("telemetry sampling recovered", "gpu", t.GPU.Index, "uuid", t.Key)
 			}
@@ -555,6 +558,21 @@ type DeviceSample struct {
 	Procs     []Process
 	ProcsRead bool
 	ProcUtil  bool
+	// MPSClients counts the Procs that are MPS clients, with MPSRead (the
+	// MPS list was read this round): counted here, once per round, so
+	// that a scrape only reads it.
+	MPSClients int
+	MPSRead    bool
+}
+
+func mpsClients(procs []Process) int {
+	n := 0
+	for i := range procs {
+		if procs[i].MPSClient {
+			n++
+		}
+	}
+	return n
 }
 
 // Servable reports whether the device's values may be served at now: it

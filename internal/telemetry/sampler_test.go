@@ -73,8 +73,9 @@ func (b *fakeBackend) Sample(_ context.Context, req *telemetry.Request) error {
 			req.Out[i].Set(telemetry.GPUTemp, b.temp)
 		}
 		if req.Processes && b.procs {
-			req.Out[i].Procs = []telemetry.Process{{PID: uint32(100 + i), MemoryBytes: 1 << 20}}
-			req.Out[i].ProcsRead = true
+			// An MPS client beside a plain process.
+			req.Out[i].Procs = []telemetry.Process{{PID: uint32(100 + i), MemoryBytes: 1 << 20}, {PID: uint32(200 + i), MPSClient: true}}
+			req.Out[i].ProcsRead, req.Out[i].MPSRead = true, true
 		}
 	}
 	if req.Processes {
@@ -457,8 +458,12 @@ func TestSamplerProcesses(t *testing.T) {
 				if temp, _ := d.Get(telemetry.GPUTemp); temp != wantTemp {
 					t.Errorf("device %d: temperature %v, want %v", i, temp, wantTemp)
 				}
-				if !d.ProcsRead || len(d.Procs) != 1 || d.Procs[0].PID != uint32(100+i) {
-					t.Errorf("device %d: processes %+v (read %v), want pid %d", i, d.Procs, d.ProcsRead, 100+i)
+				if !d.ProcsRead || len(d.Procs) != 2 || d.Procs[0].PID != uint32(100+i) {
+					t.Errorf("device %d: processes %+v (read %v), want pids %d and %d", i, d.Procs, d.ProcsRead, 100+i, 200+i)
+				}
+				// Counted once, in the round.
+				if !d.MPSRead || d.MPSClients != 1 {
+					t.Errorf("device %d: MPS read %v, %d clients; want read, 1", i, d.MPSRead, d.MPSClients)
 				}
 			}
 		})

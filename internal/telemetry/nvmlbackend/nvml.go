@@ -6,8 +6,9 @@
 // on MIG, NVLink on GPUs without it) are left out, never reported as zero.
 // NVLink bandwidth and PCIe rates follow DCGM's arithmetic (throughput.go).
 //
-// With Request.Processes it also lists each target's compute processes,
-// with per-process SM utilization on whole GPUs (processes.go).
+// With Request.Processes it also lists each target's compute processes
+// and MPS clients, with per-process SM utilization on whole GPUs
+// (processes.go).
 //
 // Every call goes through the guarded nvml.Library. GPUs are read in
 // parallel, one goroutine each; a GPU whose call hangs is reported as
@@ -189,7 +190,8 @@ func (b *Backend) prune(inv *nvml.Inventory) {
 			continue
 		}
 		b.freeGPM(st, keys)
-		st.procs.utilOff = false // a new inventory may have changed the MIG mode
+		// A new inventory may have changed the MIG mode, or the driver.
+		st.procs.utilOff, st.procs.mpsOff = false, false
 		for k := range st.unsupported {
 			if !keys[k] {
 				delete(st.unsupported, k)

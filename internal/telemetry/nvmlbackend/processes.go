@@ -12,10 +12,12 @@ import (
 
 // Compute processes, for per-pod accounting (Request.Processes): each
 // target's processes from its own handle, a GPU's or a MIG device's, with
-// per-process SM utilization on whole GPUs. They are read in the GPU's
-// worker after its fields, so a hanging call is handled as a field read
-// is; a failure leaves the target's processes unread (or, when only the
-// utilization call fails, without utilization), never its fields.
+// per-process SM utilization on whole GPUs. Under MPS NVML's compute list
+// has only the MPS server; the clients (the pods' programs) come from its
+// MPS list, and are marked. They are read in the GPU's worker after its
+// fields, so a hanging call is handled as a field read is; a failure
+// leaves the target's processes unread (or, when only the utilization
+// call fails, without utilization), never its fields.
 
 // procState is a GPU's process-reading state, owned by its worker.
 type procState struct {
@@ -26,6 +28,10 @@ type procState struct {
 	// utilOff: NVML answered NOT_SUPPORTED for process utilization on this
 	// GPU; it is not asked again until the inventory changes.
 	utilOff bool
+	// mpsOff: NVML answered NOT_SUPPORTED for the MPS client list on this
+	// GPU (older drivers, vGPU hosts); not asked again until the inventory
+	// changes, and the targets' MPS clients are not told apart meanwhile.
+	mpsOff bool
 	// failing: a process call failed and was logged; quiet until a round
 	// lists the GPU's processes without a failure.
 	failing bool
@@ -44,21 +50,33 @@ func (pr *procRound) fail(key string, err error) {
 	}
 }
 
-// readProcs lists a target's compute processes on its handle h (the GPU's
-// for a whole GPU, the MIG device's for a MIG device) and, on a whole GPU
-// not in MIG mode, their SM utilization since the previous round.
+// readProcs lists a target's compute processes and MPS clients on its
+// handle h (the GPU's for a whole GPU, the MIG device's for a MIG device)
+// and, on a whole GPU not in MIG mode, their SM utilization since the
+// previous round.
 func (b *Backend) readProcs(st *gpuState, h gonvml.Device, t *telemetry.Target, res *telemetry.Result, pr *procRound) {
 	infos, err := nvml.ComputeProcesses(b.lib, h)
 	if err != nil {
 		pr.fail(t.Key, err)
 		return
 	}
-	procs := make([]telemetry.Process, len(infos))
-	for i, p := range infos {
-		procs[i] = telemetry.Process{PID: p.PID, MemoryBytes: p.UsedMemory}
+	var clients []nvml.ProcessInfo
+	mps := !st.procs.mpsOff
+	if mps {
+		clients, err = nvml.MPSComputeProcesses(b.lib, h)
+		switch {
+		case err == nil:
+		case nvml.IsNotSupported(err):
+			st.procs.mpsOff, mps = true, false
+			b.log.Debug("no MPS client list on this GPU; MPS clients are not told apart", "gpu", t.GPU.Index, "uuid", t.GPU.UUID, "err", err)
+		default:
+			// Without the clients the list would credit no pod with
+			// them: unread, as when the compute list fails.
+			pr.fail(t.Key, err)
+			return
+		}
 	}
-	// By PID: a stable order, and samples are matched by binary search.
-	slices.SortFunc(procs, func(a, b telemetry.Process) int { return cmp.Compare(a.PID, b.PID) })
+	procs := mergeProcs(infos, clients)
 
 	// NVML has no process utilization on MIG devices nor on MIG-enabled
 	// GPUs; there the processes carry memory only.
@@ -79,8 +97,33 @@ func (b *Backend) readProcs(st *gpuState, h gonvml.Device, t *telemetry.Target, 
 			util = false
 		}
 	}
-	res.Procs, res.ProcsRead, res.ProcUtil = procs, true, util
+	res.Procs, res.ProcsRead, res.ProcUtil, res.MPSRead = procs, true, util, mps
 	pr.read++
+}
+
+// mergeProcs makes one list, by PID, of a target's compute processes and
+// its MPS clients. A PID on both lists is one process, an MPS client; its
+// memory is the larger reading (a list that cannot tell reads 0).
+func mergeProcs(infos, clients []nvml.ProcessInfo) []telemetry.Process {
+	procs := make([]telemetry.Process, 0, len(infos)+len(clients))
+	for _, p := range infos {
+		procs = append(procs, telemetry.Process{PID: p.PID, MemoryBytes: p.UsedMemory})
+	}
+	for _, p := range clients {
+		procs = append(procs, telemetry.Process{PID: p.PID, MemoryBytes: p.UsedMemory, MPSClient: true})
+	}
+	// By PID: a stable order, and samples are matched by binary search.
+	slices.SortFunc(procs, func(a, b telemetry.Process) int { return cmp.Compare(a.PID, b.PID) })
+	out := procs[:0]
+	for _, p := range procs {
+		if n := len(out); n > 0 && out[n-1].PID == p.PID {
+			last := &out[n-1]
+			last.MemoryBytes, last.MPSClient = max(last.MemoryBytes, p.MemoryBytes), last.MPSClient || p.MPSClient
+			continue
+		}
+		out = append(out, p)
+	}
+	return out
 }
 
 // apply gives each process the SM utilization of its newest sample and

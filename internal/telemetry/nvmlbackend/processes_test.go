@@ -34,9 +34,11 @@ type procEnv struct {
 	logs   *testkit.Buffer
 
 	listCalls atomic.Int64 // GetComputeRunningProcesses, GPU and MIG handles
+	mpsCalls  atomic.Int64 // GetMPSComputeRunningProcesses, GPU and MIG handles
 	utilCalls atomic.Int64 // GetProcessUtilization
 	mu        sync.Mutex
 	lastSeen  map[int][]uint64 // GPU index → the lastSeen of each utilization call
+	mpsByGPU  map[int]int      // GPU index → GetMPSComputeRunningProcesses calls
 }
 
 func newProcEnv(tb testing.TB, profile string) *procEnv {
@@ -45,7 +47,7 @@ func newProcEnv(tb testing.TB, profile string) *procEnv {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	e := &procEnv{clk: testkit.NewClock(time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC)), logs: &testkit.Buffer{}, lastSeen: map[int][]uint64{}}
+	e := &procEnv{clk: testkit.NewClock(time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC)), logs: &testkit.Buffer{}, lastSeen: map[int][]uint64{}, mpsByGPU: map[int]int{}}
 	e.node = sim.NewNode(p, e.clk.Now)
 	if e.lib, err = nvml.Open(e.node.NVML()); err != nil {
 		tb.Fatal(err)
@@ -73,10 +75,17 @@ func (e *procEnv) countCalls(tb testing.TB, uuid string, gpu int) {
 	if !ok {
 		tb.Fatalf("%s is not a simulated handle", uuid)
 	}
-	list, util := m.GetComputeRunningProcessesFunc, m.GetProcessUtilizationFunc
+	list, mps, util := m.GetComputeRunningProcessesFunc, m.GetMPSComputeRunningProcessesFunc, m.GetProcessUtilizationFunc
 	m.GetComputeRunningProcessesFunc = func() ([]gonvml.ProcessInfo, gonvml.Return) {
 		e.listCalls.Add(1)
 		return list()
+	}
+	m.GetMPSComputeRunningProcessesFunc = func() ([]gonvml.ProcessInfo, gonvml.Return) {
+		e.mpsCalls.Add(1)
+		e.mu.Lock()
+		e.mpsByGPU[gpu]++
+		e.mu.Unlock()
+		return mps()
 	}
 	m.GetProcessUtilizationFunc = func(lastSeen uint64) ([]gonvml.ProcessUtilizationSample, gonvml.Return) {
 		e.utilCalls.Add(1)
@@ -213,8 +222,8 @@ func TestProcessesNotAsked(t *testing.T) {
 	e.setProcs(t, 5, sim.Process{PID: 100, UsedMiB: 2048, SMUtil: 40})
 	e.setProcs(t, 1, sim.Process{PID: 200, UsedMiB: 100, MIG: "1"})
 	without := e.sample(t, allFields, false)
-	if n, m := e.listCalls.Load(), e.utilCalls.Load(); n != 0 || m != 0 {
-		t.Errorf("%d process list and %d utilization calls without Processes, want none", n, m)
+	if n, m, u := e.listCalls.Load(), e.mpsCalls.Load(), e.utilCalls.Load(); n != 0 || m != 0 || u != 0 {
+		t.Errorf("%d process list, %d MPS list and %d utilization calls without Processes, want none", n, m, u)
 	}
 	with := e.sample(t, allFields, true)
 	for key, r := range without {
@@ -232,9 +241,9 @@ func TestProcessesNotAsked(t *testing.T) {
 func TestProcessesOnly(t *testing.T) {
 	e := newProcEnv(t, "dgx-a100-mig")
 	e.setProcs(t, 6, sim.Process{PID: 100, UsedMiB: 64, SMUtil: 7})
-	want := int64(0) // a list per target, plus utilization on whole GPUs
+	want := int64(0) // two lists (compute, MPS) per target, plus utilization on whole GPUs
 	for _, tg := range e.layout.Targets {
-		want++
+		want += 2
 		if tg.MIG == nil {
 			want++
 		}
@@ -242,8 +251,9 @@ func TestProcessesOnly(t *testing.T) {
 	before, _ := e.lib.Stats()
 	res := e.sample(t, 0, true)
 	after, _ := e.lib.Stats()
-	if int64(after-before) != want || e.listCalls.Load()+e.utilCalls.Load() != want {
-		t.Errorf("%d NVML calls (%d of them process calls), want only the %d process calls", after-before, e.listCalls.Load()+e.utilCalls.Load(), want)
+	procCalls := e.listCalls.Load() + e.mpsCalls.Load() + e.utilCalls.Load()
+	if int64(after-before) != want || procCalls != want {
+		t.Errorf("%d NVML calls (%d of them process calls), want only the %d process calls", after-before, procCalls, want)
 	}
 	for key, r := range res {
 		if r.Err != nil || r.Have != 0 || !r.ProcsRead {
@@ -274,6 +284,11 @@ func TestProcessFailureKeepsFields(t *testing.T) {
 		{"utilization fails", 5, "GetProcessUtilization", gonvml.ERROR_UNKNOWN, true, true, 1},
 		{"utilization not supported", 5, "GetProcessUtilization", gonvml.ERROR_NOT_SUPPORTED, true, false, 0},
 		{"MIG list fails", 1, "GetComputeRunningProcesses", gonvml.ERROR_TIMEOUT, false, false, 1},
+		// Without the MPS clients the list is not complete: unread, as
+		// when the compute list fails.
+		{"MPS list fails", 5, "GetMPSComputeRunningProcesses", gonvml.ERROR_UNKNOWN, false, true, 1},
+		{"MPS list: no permission", 5, "GetMPSComputeRunningProcesses", gonvml.ERROR_NO_PERMISSION, false, true, 1},
+		{"MIG MPS list fails", 1, "GetMPSComputeRunningProcesses", gonvml.ERROR_TIMEOUT, false, false, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newProcEnv(t, "dgx-a100-mig")
