@@ -32,10 +32,18 @@ var thirdPartyExec = map[string]string{
 		"internal/telemetry/dcgmbackend uses Embedded and Standalone, and the walk below forbids StartHostengine",
 }
 
-// TestNoShellingOut: the daemon never runs another program (nvidia-smi,
-// nvidia-cuda-mps-control, a shell): none of this module's packages linked
-// into the binary imports os/exec or calls a process-starting function,
-// and the third-party packages that import os/exec are the reviewed ones.
+// ownExec are this module's packages allowed to run a program, and what
+// they run. Nothing else may.
+var ownExec = map[string]string{
+	"github.com/gpu-plugin/gpu-plugin/internal/mps": "nvidia-cuda-mps-control, and only for sharing.mps: " +
+		"MPS has no API but its control program, as NVIDIA's mps-control-daemon runs it",
+}
+
+// TestNoShellingOut: the daemon never runs another program (nvidia-smi, a
+// shell) except nvidia-cuda-mps-control for MPS (ownExec): none of this
+// module's other packages linked into the binary imports os/exec or calls
+// a process-starting function, and the third-party packages that import
+// os/exec are the reviewed ones.
 // The package list is `go list -deps` of this command, so it is exactly
 // what the binary links, cgo files included.
 func TestNoShellingOut(t *testing.T) {
@@ -66,6 +74,10 @@ func TestNoShellingOut(t *testing.T) {
 			continue
 		}
 		ours++
+		if why, ok := ownExec[path]; ok {
+			t.Logf("%s runs %s", path, why)
+			continue
+		}
 		for _, name := range strings.Split(files, ",") {
 			if name == "" {
 				continue

@@ -94,6 +94,7 @@ func Respond(cfg *config.Config, env Env) plugin.ResponseOptions {
 		GDRCopy:             b(cfg.Flags.GDRCopyEnabled),
 		GDS:                 b(cfg.Flags.GDSEnabled),
 		MOFED:               b(cfg.Flags.MOFEDEnabled),
+		MPSRoot:             cfg.MPSRoot(),
 	}
 	o.IMEXChannels, _, _ = IMEXChannels(cfg)
 	// A simulated node's device nodes are in its laid-out root, unless

@@ -30,17 +30,34 @@ func (c *Config) ResourceCustomization() bool {
 // applyNVIDIASemantics does what NVIDIA's plugin v0.20 does with the
 // settings it parses but does not honour, unless the opt-in is on: it
 // clears resources.gpus and resources.mig, and every rename and devices of
-// sharing.timeSlicing.resources[] (a rename other than the renameByDefault
-// one is dropped; devices become "all"). Each cleared setting gets one
-// warning that names it and says what NVIDIA does. With the opt-in it
-// checks what only the opt-in makes meaningful.
+// sharing.timeSlicing.resources[] and sharing.mps.resources[] (a rename
+// other than the renameByDefault one is dropped; devices become "all").
+// Each cleared setting gets one warning that names it and says what NVIDIA
+// does. With the opt-in it checks what only the opt-in makes meaningful.
+// Whatever the opt-in, sharing.mps's failRequestsGreaterThanOne defaults
+// to true, and sharing.timeSlicing is ignored (with a warning) when
+// sharing.mps is present, as NVIDIA's plugin does.
 func (c *Config) applyNVIDIASemantics() error {
 	c.compatWarnings = nil
+	if m := c.Sharing.MPS; m != nil && m.FailRequestsGreaterThanOne == nil {
+		t := true
+		m.FailRequestsGreaterThanOne = &t
+	}
+	if c.Sharing.MPS != nil && c.Sharing.TimeSlicing != nil {
+		c.compatWarnings = append(c.compatWarnings, "sharing.timeSlicing: ignored because sharing.mps is set; NVIDIA's device plugin v0.20 shares through MPS alone then; remove one of the two")
+	}
+	sections := []struct {
+		path string
+		rr   *ReplicatedResources
+	}{{"sharing.timeSlicing", c.Sharing.TimeSlicing}, {"sharing.mps", c.Sharing.MPS}}
 	if c.ResourceCustomization() {
-		if ts := c.Sharing.TimeSlicing; ts != nil {
-			for i, r := range ts.Resources {
+		for _, sec := range sections {
+			if sec.rr == nil {
+				continue
+			}
+			for i, r := range sec.rr.Resources {
 				if d := r.Devices; d != nil && !d.All && d.Count == 0 && len(d.List) == 0 {
-					return fieldErr(fmt.Sprintf("sharing.timeSlicing.resources[%d].devices", i), "an empty list selects nothing: %s", devicesHelp)
+					return fieldErr(fmt.Sprintf("%s.resources[%d].devices", sec.path, i), "an empty list selects nothing: %s", devicesHelp)
 				}
 			}
 		}
@@ -53,52 +70,59 @@ func (c *Config) applyNVIDIASemantics() error {
 		}
 		c.Resources = nil
 	}
-	ts := c.Sharing.TimeSlicing
-	if ts == nil {
-		return nil
+	for _, sec := range sections {
+		if sec.rr != nil {
+			c.compatWarnings = append(c.compatWarnings, sec.rr.applyNVIDIASemantics(sec.path, optIn)...)
+		}
 	}
-	var renamed, selected []string
-	for i := range ts.Resources {
-		r := &ts.Resources[i]
-		path := fmt.Sprintf("sharing.timeSlicing.resources[%d]", i)
-		if r.Rename != "" && (!ts.RenameByDefault || r.Rename != r.Name+SharedSuffix) {
-			renamed = append(renamed, path+".rename")
+	return nil
+}
+
+// applyNVIDIASemantics clears one sharing section's rename and devices
+// fields and merges resources listed twice, returning a warning for each.
+func (rr *ReplicatedResources) applyNVIDIASemantics(path, optIn string) []string {
+	var warnings, renamed, selected []string
+	for i := range rr.Resources {
+		r := &rr.Resources[i]
+		p := fmt.Sprintf("%s.resources[%d]", path, i)
+		if r.Rename != "" && (!rr.RenameByDefault || r.Rename != r.Name+SharedSuffix) {
+			renamed = append(renamed, p+".rename")
 		}
 		r.Rename = ""
 		if d := r.Devices; d != nil && !d.All {
-			selected = append(selected, path+".devices")
+			selected = append(selected, p+".devices")
 		}
 		r.Devices = nil
 	}
 	for _, f := range renamed {
 		what := "the resource keeps its name"
-		if ts.RenameByDefault {
+		if rr.RenameByDefault {
 			what = "the resource is named <name>" + SharedSuffix + " (renameByDefault)"
 		}
-		c.compatWarnings = append(c.compatWarnings, fmt.Sprintf("%s: ignored, as NVIDIA's device plugin v0.20 ignores it (%s); %s", f, what, optIn))
+		warnings = append(warnings, fmt.Sprintf("%s: ignored, as NVIDIA's device plugin v0.20 ignores it (%s); %s", f, what, optIn))
 	}
 	for _, f := range selected {
-		c.compatWarnings = append(c.compatWarnings, fmt.Sprintf("%s: ignored, as NVIDIA's device plugin v0.20 ignores it (every device of the resource is shared); %s", f, optIn))
+		warnings = append(warnings, fmt.Sprintf("%s: ignored, as NVIDIA's device plugin v0.20 ignores it (every device of the resource is shared); %s", f, optIn))
 	}
 	// A resource listed more than once: NVIDIA's plugin writes the replica
 	// IDs of each entry into one map, so every device ends up with the
 	// largest replica count. Do the same, and say so.
 	seen := map[string]int{}
-	kept := make([]ReplicatedResource, 0, len(ts.Resources))
-	for i, r := range ts.Resources {
+	kept := make([]ReplicatedResource, 0, len(rr.Resources))
+	for i, r := range rr.Resources {
 		j, dup := seen[r.Name]
 		if !dup {
 			seen[r.Name] = len(kept)
 			kept = append(kept, r)
 			continue
 		}
-		c.compatWarnings = append(c.compatWarnings, fmt.Sprintf(
-			"sharing.timeSlicing.resources[%d]: shares %s again; as with NVIDIA's device plugin v0.20, each of its devices gets the largest replica count given (%d); list each resource once",
-			i, r.Name, max(kept[j].Replicas, r.Replicas)))
+		warnings = append(warnings, fmt.Sprintf(
+			"%s.resources[%d]: shares %s again; as with NVIDIA's device plugin v0.20, each of its devices gets the largest replica count given (%d); list each resource once",
+			path, i, r.Name, max(kept[j].Replicas, r.Replicas)))
 		kept[j].Replicas = max(kept[j].Replicas, r.Replicas)
 	}
-	ts.Resources = kept
-	return nil
+	rr.Resources = kept
+	return warnings
 }
 
 // Duration is NVIDIA's duration type (flags.gfd.sleepInterval): a number of

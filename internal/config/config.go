@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
@@ -185,6 +186,9 @@ type Daemon struct {
 	// where it is written (sharing_options.go).
 	NodeLabels bool   `json:"nodeLabels"`
 	LabelsFile string `json:"labelsFile"`
+	// MPSControlBinary is the nvidia-cuda-mps-control run for sharing.mps
+	// ("": the driver root's).
+	MPSControlBinary string `json:"mpsControlBinary,omitempty"`
 	// WatchConfig reloads the config file when it changes.
 	WatchConfig bool `json:"watchConfig"`
 }
@@ -318,6 +322,50 @@ func (c *Config) DevRoot() string {
 		return r
 	}
 	return c.DriverRoot()
+}
+
+// Sharing strategies: what the sharing section in force does, as the
+// nvidia.com/gpu.sharing-strategy label names them.
+const (
+	SharingNone        = "none"
+	SharingTimeSlicing = "time-slicing"
+	SharingMPS         = "mps"
+)
+
+// ReplicatedSharing is the sharing section in force and its field path:
+// sharing.mps when present (sharing.timeSlicing is then ignored, as
+// NVIDIA's plugin ignores it), else sharing.timeSlicing; nil when neither.
+func (c *Config) ReplicatedSharing() (*ReplicatedResources, string) {
+	if c.Sharing.MPS != nil {
+		return c.Sharing.MPS, "sharing.mps"
+	}
+	return c.Sharing.TimeSlicing, "sharing.timeSlicing"
+}
+
+// UsesMPS reports whether GPUs are shared through MPS.
+func (c *Config) UsesMPS() bool { return c.Sharing.MPS != nil }
+
+// MPSRoot is --mps-root: the host directory of the MPS control daemons'
+// pipes, logs and shared memory.
+func (c *Config) MPSRoot() string { return Deref(c.Flags.MpsRoot) }
+
+// checkMPS refuses what NVIDIA's plugin refuses at start when it shares
+// through MPS: the mixed MIG strategy and a missing MPS root.
+func (c *Config) checkMPS() error {
+	if !c.UsesMPS() {
+		return nil
+	}
+	if c.MigStrategy() == MigMixed {
+		return fieldErr("sharing.mps", "MPS cannot be used with mig-strategy mixed (NVIDIA's plugin refuses it too): MPS shares whole GPUs only; use mig-strategy none, or share MIG devices with sharing.timeSlicing")
+	}
+	root := c.MPSRoot()
+	if root == "" {
+		return fieldErr("sharing.mps", "MPS needs an MPS root: set --mps-root (flags.mpsRoot, environment MPS_ROOT) to the host directory for the MPS control daemons' pipes, logs and shared memory, e.g. /run/nvidia/mps as the chart does")
+	}
+	if !filepath.IsAbs(root) {
+		return fieldErr("flags.mpsRoot", "%s is not an absolute path; want a host directory such as /run/nvidia/mps (flag --mps-root, environment MPS_ROOT)", quote(root))
+	}
+	return nil
 }
 
 // Plugin returns the plugin flags, never nil.

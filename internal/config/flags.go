@@ -130,7 +130,8 @@ func nvidiaOptions() []Option {
 		strOpt("dev-root", []string{"nvidia-dev-root"}, []string{"NVIDIA_DEV_ROOT"}, "",
 			"host root of the /dev/nvidia* nodes (default: the driver root)", nil,
 			func(c *Config) **string { return &c.Flags.NvidiaDevRoot }),
-		strOpt("mps-root", nil, []string{"MPS_ROOT"}, "", "MPS root directory (MPS is not supported yet)", nil,
+		strOpt("mps-root", nil, []string{"MPS_ROOT"}, "",
+			"host directory for the MPS control daemons (sharing.mps): <root>/<resource>/pipe and /log, and <root>/shm, which MPS clients get as /dev/shm; required with sharing.mps (the chart uses /run/nvidia/mps)", nil,
 			func(c *Config) **string { return &c.Flags.MpsRoot }),
 		boolOpt("gdrcopy-enabled", nil, []string{"GDRCOPY_ENABLED"}, "false", "add NVIDIA_GDRCOPY=enabled (CDI: gdrcopy=all) to allocations",
 			func(c *Config) **bool { return &c.Flags.GDRCopyEnabled }),
@@ -348,6 +349,9 @@ func load(o *origin, out io.Writer) (*Config, []string, error) {
 		return nil, nil, err
 	}
 	if err := c.applyNVIDIASemantics(); err != nil {
+		return nil, nil, err
+	}
+	if err := c.checkMPS(); err != nil {
 		return nil, nil, err
 	}
 	c.origin = o

@@ -52,6 +52,9 @@ func sharingOptions() []Option {
 				return nil
 			},
 			inFile: func(c *Config) bool { return c.Extensions.ResourceCustomization != nil }},
+		{Name: "mps-control-binary", Env: []string{"GPU_PLUGIN_MPS_CONTROL_BINARY"}, Default: "", Group: GroupSharing,
+			Usage: "the nvidia-cuda-mps-control run for each resource of sharing.mps (default: usr/bin/nvidia-cuda-mps-control under the driver root); a simulated node has none: build the test fake with go build -o /tmp/nvidia-cuda-mps-control ./internal/testkit/fakempscontrol and name it here",
+			set:   func(c *Config, v string) error { c.Daemon.MPSControlBinary = v; return nil }},
 		{Name: "labels-file", Env: []string{"GPU_PLUGIN_LABELS_FILE"}, Default: DefaultLabelsFile, Group: GroupSharing,
 			Usage: "the node labels file, in a directory NFD's local source reads; written atomically, rewritten when the labels change",
 			set:   func(c *Config, v string) error { c.Daemon.LabelsFile = v; return nil }},

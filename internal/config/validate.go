@@ -126,8 +126,13 @@ func (c *Config) validateFile() error {
 			return err
 		}
 	}
-	if c.Sharing.MPS != nil {
-		return fieldErr("sharing.mps", "MPS sharing is not supported yet, and this daemon does not start it unshared: remove sharing.mps, or use sharing.timeSlicing (same fields) to share GPUs by time-slicing without MPS's memory and compute limits")
+	if m := c.Sharing.MPS; m != nil {
+		if len(m.Resources) == 0 {
+			return fieldErr("sharing.mps.resources", "no resources listed (NVIDIA's plugin refuses this too): list the resources to share, e.g. [{name: nvidia.com/gpu, replicas: 2}], or remove sharing.mps")
+		}
+		if err := m.validate("sharing.mps"); err != nil {
+			return err
+		}
 	}
 	for i, ch := range c.IMEX.ChannelIDs {
 		if ch != 0 {

@@ -40,7 +40,7 @@ func TestReloadRefusesWhatAStartRefuses(t *testing.T) {
 		reject("replicas "+tc.replicas, tc.want)
 	}
 	e.write("version: v1\nsharing:\n  mps:\n    resources:\n    - {name: gpu, replicas: 2}\n")
-	reject("mps", "sharing.mps: MPS sharing is not supported yet")
+	reject("mps without an MPS root", "sharing.mps: MPS needs an MPS root")
 
 	// The config path replaced by a FIFO: refused at once, never blocking
 	// the reloader (a blocked reloader would not report the failure).

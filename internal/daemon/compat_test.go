@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/config/nvidiacorpus"
 	"github.com/gpu-plugin/gpu-plugin/internal/daemon"
 	"github.com/gpu-plugin/gpu-plugin/internal/fakekubelet"
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 // TestCompatCorpusDaemon starts the daemon on every case of the NVIDIA
@@ -37,6 +39,11 @@ func TestCompatCorpusDaemon(t *testing.T) {
 			}
 			if optIn && tc.OptIn == nil {
 				continue // same as the default, already run
+			}
+			if tc.Env["MPS_ROOT"] != "" {
+				// MPS on a simulated node: the fake control daemon, in a
+				// root of the test's own.
+				args = append(args, "--mps-root="+mpsRoot(t), "--mps-control-binary="+testkit.FakeMPSControl(t))
 			}
 			t.Run(fmt.Sprintf("%s/optIn=%t", tc.File, optIn), func(t *testing.T) {
 				dir := socketDir(t)
@@ -98,4 +105,16 @@ func TestCompatCorpusDaemon(t *testing.T) {
 			})
 		}
 	}
+}
+
+// mpsRoot is a short MPS root (the pipe's socket path must fit in 108
+// bytes), removed at the end of the test.
+func mpsRoot(t *testing.T) string {
+	t.Helper()
+	root, err := os.MkdirTemp("/tmp", "mps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(root) })
+	return root
 }

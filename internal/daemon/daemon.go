@@ -21,6 +21,7 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
 	"github.com/gpu-plugin/gpu-plugin/internal/kube"
+	"github.com/gpu-plugin/gpu-plugin/internal/mps"
 	"github.com/gpu-plugin/gpu-plugin/internal/nodehealth"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/plugin"
@@ -46,6 +47,7 @@ type Daemon struct {
 	// (applyQuarantine, health.go).
 	quarantineWarnings []string
 	plugins            *plugin.Manager
+	mps                *mps.Manager // MPS control daemons for sharing.mps (mps.go)
 	http               *httpServer
 	rl                 *reloader             // live config reloads, GPU re-scans, node labels (reload.go)
 	simRoot            string                // a simulated node's laid-out driver root (cdi.go)
@@ -137,6 +139,8 @@ func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 		d.Close()
 		return nil, err
 	}
+	d.newMPS()
+	d.applyMPS(cfg, d.adv)
 	if err := d.newHealthMonitor(); err != nil {
 		d.Close()
 		return nil, err
@@ -281,7 +285,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 
-	resources := d.adv.Resources
+	// A resource shared through MPS is offered once its daemon is ready
+	// (the reloader re-advertises then).
+	resources := d.advertised(d.adv.Resources)
 
 	var wg sync.WaitGroup
 	run := func(name string, f func(context.Context) error) {
@@ -301,6 +307,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	if d.monitor != nil {
 		run("health monitor", d.monitor.Run)
+	}
+	if d.lib != nil {
+		run("MPS control daemons", d.mps.Run)
 	}
 	if d.nodeHealth != nil {
 		run("node health publisher", d.nodeHealth.Run)

@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/exporter-toolkit/web"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
+	"github.com/gpu-plugin/gpu-plugin/internal/mps"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/plugin"
 	"github.com/gpu-plugin/gpu-plugin/internal/version"
@@ -49,6 +50,9 @@ func (d *Daemon) newHTTPServer() (*httpServer, error) {
 	)
 	h.registry.MustRegister(d.healthCollector())
 	h.registry.MustRegister(d.rl) // config reloads, re-scans, node labels (reload.go)
+	if d.mps != nil {
+		h.registry.MustRegister(d.mps) // MPS control daemons (mps.go)
+	}
 	// DCGM_*, the sampler, pod attribution, plugin and NVML counters (telemetry.go).
 	h.registry.MustRegister(d.telemetryCollectors()...)
 	mux := http.NewServeMux()
@@ -159,6 +163,8 @@ type DebugDevices struct {
 	NVMLError string                   `json:"nvmlError,omitempty"`
 	// HealthMonitor is the health monitor's own state (health.go).
 	HealthMonitor *health.MonitorStatus `json:"healthMonitor,omitempty"`
+	// MPS are the MPS control daemons (sharing.mps), by resource.
+	MPS []mps.Status `json:"mps,omitempty"`
 }
 
 func (h *httpServer) debugDevices(w http.ResponseWriter, _ *http.Request) {
@@ -173,6 +179,9 @@ func (h *httpServer) debugDevices(w http.ResponseWriter, _ *http.Request) {
 		doc.NVMLError = h.d.initErr.Error()
 	}
 	doc.HealthMonitor = h.d.healthMonitorStatus()
+	if h.d.mps != nil {
+		doc.MPS = h.d.mps.Statuses()
+	}
 	w.Header().Set("Content-Type", "application/json")
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")

@@ -129,8 +129,9 @@ func (r *reloader) publish(next *advert.Advertisement, cfg *config.Config) adver
 			r.log.Error("cannot rewrite the CDI spec; containers may not find new devices by CDI name", "err", err)
 		}
 	}
+	r.d.applyMPS(cfg, next)
 	if diff.Resources() || diff.Respond {
-		r.d.plugins.Update(next.Resources, next.Respond)
+		r.d.plugins.Update(r.d.advertised(next.Resources), next.Respond)
 	}
 	r.adv = next
 	return diff
@@ -191,6 +192,7 @@ func (r *reloader) run(ctx context.Context, adv *advert.Advertisement) error {
 	if r.d.monitor != nil {
 		monitorRescan = r.d.monitor.Rescan()
 	}
+	mpsChanged := r.d.mps.Changed()
 	for {
 		select {
 		case <-ctx.Done():
@@ -224,6 +226,13 @@ func (r *reloader) run(ctx context.Context, adv *advert.Advertisement) error {
 		case <-monitorRescan:
 			monitorRescan = r.d.monitor.Rescan()
 			r.rescan()
+		case <-mpsChanged:
+			// Taken again before the state is read, so that a change
+			// made meanwhile wakes the next round.
+			mpsChanged = r.d.mps.Changed()
+			// A daemon ready for the first time: offer its resource.
+			// The manager re-sends only what changed.
+			r.d.plugins.Update(r.d.advertised(r.adv.Resources), r.adv.Respond)
 		case l := <-r.labels:
 			r.lastLabel = &l
 			r.selectConfig(l)

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -29,6 +30,7 @@ const Prefix = "nvidia.com/"
 const (
 	StrategyNone        = "none"
 	StrategyTimeSlicing = "time-slicing"
+	StrategyMPS         = "mps"
 )
 
 // Labels are node labels by key.
@@ -110,7 +112,10 @@ func Compute(inv *nvml.Inventory, resources []*sharing.Resource, o Options) Labe
 	if migStrategy != config.MigNone {
 		l[Prefix+"mig.strategy"] = migStrategy // GFD labels the strategy only when MIG is advertised
 	}
-	l[Prefix+"mps.capable"] = "false" // MPS is not supported
+	// As GFD: true only while the GPUs are shared through MPS (which
+	// refuses MIG devices, so a node labelled true has none).
+	mps := slices.ContainsFunc(resources, func(r *sharing.Resource) bool { return r.MPS })
+	l[Prefix+"mps.capable"] = strconv.FormatBool(mps)
 
 	// Whole GPUs: the most common product (GFD labels one product per key).
 	// A product whose every GPU has MIG on is labelled without sharing and
@@ -129,7 +134,7 @@ func Compute(inv *nvml.Inventory, resources []*sharing.Resource, o Options) Labe
 	if whole == 0 {
 		rep, renamed = 0, false
 	}
-	l.resource("gpu", productName(rep, renamed, product.Name), count, rep)
+	l.resource("gpu", productName(rep, renamed, product.Name), count, rep, mps)
 	if mib := product.MemoryBytes >> 20; mib > 0 {
 		l[Prefix+"gpu.memory"] = strconv.FormatUint(mib, 10)
 	}
@@ -205,7 +210,7 @@ func (l Labels) migTypes(inv *nvml.Inventory, resources []*sharing.Resource, sin
 		// GFD names a MIG device by its profile with "+" made ".", as
 		// its resource name does: 1g.5gb+me → 1g.5gb.me.
 		profile := strings.ReplaceAll(t.mig.Profile, "+", ".")
-		l.resource(key, productName(rep, renamed, t.parent, "MIG", profile), t.count, rep)
+		l.resource(key, productName(rep, renamed, t.parent, "MIG", profile), t.count, rep, false)
 		p := Prefix + key + "."
 		a := t.mig.Attributes
 		if a == nil {
@@ -269,13 +274,16 @@ func (l Labels) invalidSingle(gpus []*nvml.GPU) {
 }
 
 // resource sets <key>.product, .count, .replicas and .sharing-strategy.
-func (l Labels) resource(key, product string, count, replicas int) {
+func (l Labels) resource(key, product string, count, replicas int, mps bool) {
 	p := Prefix + key + "."
 	l[p+"product"] = product
 	l[p+"count"] = strconv.Itoa(count)
 	l[p+"replicas"] = strconv.Itoa(replicas)
 	strategy := StrategyNone
-	if replicas > 1 {
+	switch {
+	case replicas > 1 && mps:
+		strategy = StrategyMPS
+	case replicas > 1:
 		strategy = StrategyTimeSlicing
 	}
 	l[p+"sharing-strategy"] = strategy

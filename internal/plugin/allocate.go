@@ -38,6 +38,38 @@ type ResponseOptions struct {
 	CDIAnnotationPrefix string
 	GDRCopy, GDS, MOFED bool
 	IMEXChannels        []int
+	// MPSRoot is --mps-root, the host directory of the MPS control
+	// daemons, for replicas of resources shared through MPS.
+	MPSRoot string
+}
+
+// MPSContainerRoot is where an MPS client container finds its resource's
+// pipe directory, as NVIDIA's plugin mounts it: /mps/<resource>/pipe.
+const MPSContainerRoot = "/mps"
+
+// MPSPipeDir is a resource's MPS pipe directory under root:
+// <root>/nvidia.com/gpu/pipe, the resource name kept whole as NVIDIA's
+// plugin keeps it.
+func MPSPipeDir(root, resource string) string { return filepath.Join(root, resource, "pipe") }
+
+// MPSShmDir is the MPS shared-memory directory under root, one for every
+// resource: clients get it as /dev/shm.
+func MPSShmDir(root string) string { return filepath.Join(root, "shm") }
+
+// addMPS gives an MPS replica's container what NVIDIA's plugin gives it:
+// the pipe directory in CUDA_MPS_PIPE_DIRECTORY, and mounts of the pipe
+// directory and the MPS shared memory (at /dev/shm). It applies whatever
+// the device list strategy, CDI-only included.
+func (o ResponseOptions) addMPS(resp *pluginapi.ContainerAllocateResponse, resource string) {
+	pipe := MPSPipeDir(MPSContainerRoot, resource)
+	if resp.Envs == nil {
+		resp.Envs = map[string]string{}
+	}
+	resp.Envs["CUDA_MPS_PIPE_DIRECTORY"] = pipe
+	resp.Mounts = append(resp.Mounts,
+		&pluginapi.Mount{ContainerPath: pipe, HostPath: MPSPipeDir(o.MPSRoot, resource)},
+		&pluginapi.Mount{ContainerPath: "/dev/shm", HostPath: MPSShmDir(o.MPSRoot)},
+	)
 }
 
 // onlyCDI reports whether every selected strategy is a CDI one; then the

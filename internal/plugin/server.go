@@ -490,9 +490,13 @@ func (s *server) allocate(req *pluginapi.AllocateRequest) (*pluginapi.AllocateRe
 			return nil, status.Errorf(codes.InvalidArgument, "empty allocation request for %s", s.name)
 		}
 		if res.FailRequestsGreaterThanOne && len(cr.DevicesIds) > 1 {
+			how := "time-slicing"
+			if res.MPS {
+				how = "MPS"
+			}
 			return nil, status.Errorf(codes.InvalidArgument,
-				"%s is shared (time-slicing with failRequestsGreaterThanOne): a container may request at most 1, it requested %d",
-				s.name, len(cr.DevicesIds))
+				"%s is shared (%s with failRequestsGreaterThanOne): a container may request at most 1, it requested %d",
+				s.name, how, len(cr.DevicesIds))
 		}
 		var devices []*sharing.Device
 		seen := map[string]bool{}
@@ -510,9 +514,13 @@ func (s *server) allocate(req *pluginapi.AllocateRequest) (*pluginapi.AllocateRe
 				devices = append(devices, d)
 			}
 		}
-		cresp, err := s.respond.Load().containerResponse(devices)
+		opts := s.respond.Load()
+		cresp, err := opts.containerResponse(devices)
 		if err != nil {
 			return nil, status.Errorf(codes.Internal, "building the allocation: %v", err)
+		}
+		if res.MPS {
+			opts.addMPS(cresp, res.Name)
 		}
 		resp.ContainerResponses = append(resp.ContainerResponses, cresp)
 		if s.events.Allocated != nil {

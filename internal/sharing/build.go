@@ -21,8 +21,15 @@ type Options struct {
 	// nvidia.com/gpu for GPUs, nvidia.com/mig-<profile> (mixed) or
 	// nvidia.com/gpu (single) for MIG devices.
 	GPUNames, MIGNames []NameRule
-	// TimeSlicing is the file's sharing.timeSlicing, validated by config.
-	TimeSlicing *config.ReplicatedResources
+	// Replicated is the sharing section in force (sharing.mps when
+	// present, else sharing.timeSlicing), validated by config, and
+	// ReplicatedPath its field path for messages ("" reads as
+	// sharing.timeSlicing).
+	Replicated     *config.ReplicatedResources
+	ReplicatedPath string
+	// MPS shares the replicated resources through MPS rather than by
+	// time-slicing: whole GPUs only, at most MaxMPSClients replicas each.
+	MPS bool
 	// AllocationPolicy is copied to every resource (see
 	// Resource.AllocationPolicy).
 	AllocationPolicy string
@@ -38,9 +45,12 @@ type NameRule struct {
 
 // OptionsFrom takes the sharing options from a resolved configuration.
 func OptionsFrom(c *config.Config) Options {
+	rr, path := c.ReplicatedSharing()
 	o := Options{
 		MigStrategy:      c.MigStrategy(),
-		TimeSlicing:      c.Sharing.TimeSlicing,
+		Replicated:       rr,
+		ReplicatedPath:   path,
+		MPS:              c.UsesMPS(),
 		AllocationPolicy: config.Deref(c.Plugin().SharedDevicesAllocationPolicy),
 	}
 	if r := c.Resources; r != nil {
@@ -75,12 +85,13 @@ func Build(inv *nvml.Inventory, opts Options) ([]*Resource, error) {
 // NewPlan derives the resources and says what it could not apply. Errors
 // name the GPU or the config field at fault and how to fix it.
 func NewPlan(inv *nvml.Inventory, opts Options) (*Plan, error) {
-	b := &builder{opts: opts, plan: &Plan{}, base: map[string][]Device{}}
+	b := &builder{opts: opts, plan: &Plan{}, base: map[string][]Device{}, gpus: map[string]*nvml.GPU{}}
 	var gpus []*nvml.GPU
 	if inv != nil {
 		for i := range inv.GPUs {
 			if inv.GPUs[i].Usable() {
 				gpus = append(gpus, &inv.GPUs[i])
+				b.gpus[inv.GPUs[i].UUID] = &inv.GPUs[i]
 			}
 		}
 	}
@@ -114,6 +125,7 @@ type builder struct {
 	plan  *Plan
 	base  map[string][]Device // resource name → devices, before sharing
 	order []string            // base names in first-seen order
+	gpus  map[string]*nvml.GPU
 }
 
 func (b *builder) warn(format string, args ...any) {
@@ -267,7 +279,16 @@ func (b *builder) mixed(gpus []*nvml.GPU) {
 // resource become replicas under the shared name; the others stay as they
 // are under the resource's own name.
 func (b *builder) share() error {
-	ts := b.opts.TimeSlicing
+	ts := b.opts.Replicated
+	section := b.opts.ReplicatedPath
+	if section == "" {
+		section = "sharing.timeSlicing"
+	}
+	if b.opts.MPS {
+		if err := b.checkMPS(section); err != nil {
+			return err
+		}
+	}
 	remaining := make(map[string][]Device, len(b.base))
 	for name, devs := range b.base {
 		remaining[name] = devs
@@ -282,7 +303,7 @@ func (b *builder) share() error {
 	takenBy := map[string]string{} // physical ID → field
 	if ts != nil {
 		for k, e := range ts.Resources {
-			field := fmt.Sprintf("sharing.timeSlicing.resources[%d]", k)
+			field := fmt.Sprintf("%s.resources[%d]", section, k)
 			devs := b.base[e.Name]
 			if len(devs) == 0 {
 				b.warn("%s: this node has no %s devices (mig-strategy %s); nothing shared for it", field, e.Name, strategyName(b.opts.MigStrategy))
@@ -312,18 +333,27 @@ func (b *builder) share() error {
 					"%d replicas × %d %s devices = %d devices, more than the %d one resource may advertise (the kubelet drops a longer list: its gRPC message limit is 4 MiB); lower replicas to at most %d",
 					e.Replicas, len(sel), e.Name, total, config.MaxDevicesPerResource, config.MaxDevicesPerResource/len(sel))}
 			}
+			if b.opts.MPS {
+				if err := b.checkMPSReplicas(sel, e.Replicas, field+".replicas"); err != nil {
+					return err
+				}
+			}
 			replicas := make([]Device, 0, len(sel)*e.Replicas)
 			for _, d := range sel {
 				for n := 0; n < e.Replicas; n++ {
 					r := d
 					r.ID = d.ID + ReplicaSeparator + strconv.Itoa(n)
 					r.Replica = n
+					if b.opts.MPS {
+						r.MPSUnit = MPSHealthUnit(out)
+					}
 					replicas = append(replicas, r)
 				}
 			}
 			res := NewResource(out, replicas)
 			res.Base = e.Name
 			res.Replicas = e.Replicas
+			res.MPS = b.opts.MPS
 			res.FailRequestsGreaterThanOne = ts.FailRequestsGreaterThanOne != nil && *ts.FailRequestsGreaterThanOne
 			s := &sharedOut{res: res, field: field, taken: len(sel)}
 			shared = append(shared, s)
@@ -358,6 +388,52 @@ func (b *builder) share() error {
 	sort.Slice(b.plan.Resources, func(i, j int) bool { return b.plan.Resources[i].Name < b.plan.Resources[j].Name })
 	return nil
 }
+
+// checkMPS refuses MIG devices on a node that shares through MPS, as
+// NVIDIA's plugin does: MPS shares whole GPUs only.
+func (b *builder) checkMPS(section string) error {
+	for _, name := range b.order {
+		for _, d := range b.base[name] {
+			if d.MIG != nil {
+				return &config.FieldError{Path: section, Msg: fmt.Sprintf(
+					"MPS shares whole GPUs only, but %s is MIG device %s of GPU %d (%s, mig-strategy %s; NVIDIA's plugin refuses this too): use mig-strategy none on GPUs without MIG, or share MIG devices with sharing.timeSlicing",
+					name, d.IndexID(), d.GPUIndex, d.ID, strategyName(b.opts.MigStrategy))}
+			}
+		}
+	}
+	return nil
+}
+
+// checkMPSReplicas refuses more replicas than an MPS server takes clients
+// on a GPU, as NVIDIA's MPS control daemon does.
+func (b *builder) checkMPSReplicas(devs []Device, replicas int, field string) error {
+	for _, d := range devs {
+		g := b.gpus[d.GPUUUID]
+		if g == nil {
+			continue
+		}
+		if most := MaxMPSClients(g.ComputeCapability); replicas > most {
+			return &config.FieldError{Path: field, Msg: fmt.Sprintf(
+				"%d is more than the %d clients an MPS server takes on GPU %d (%s, compute capability %s; NVIDIA's plugin refuses this too): lower replicas to at most %d",
+				replicas, most, g.Index, g.UUID, g.ComputeCapability, most)}
+		}
+	}
+	return nil
+}
+
+// MaxMPSClients is how many client contexts one MPS server takes on a GPU
+// of this compute capability: 48 from 7.5 on, 16 before, the limits
+// NVIDIA's MPS control daemon enforces.
+func MaxMPSClients(cc nvml.ComputeCapability) int {
+	if cc.Major > 7 || (cc.Major == 7 && cc.Minor >= 5) {
+		return 48
+	}
+	return 16
+}
+
+// MPSHealthUnit is the health table key of a resource's MPS control
+// daemon: every replica of the resource is unfit while it is not ready.
+func MPSHealthUnit(resource string) string { return "mps:" + resource }
 
 func strategyName(s string) string {
 	if s == "" {

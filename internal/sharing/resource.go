@@ -38,6 +38,9 @@ type Device struct {
 	// MIGChildren are the MIG devices of a MIG-enabled GPU advertised whole
 	// (migStrategy none): a fault on any of them makes the whole GPU unfit.
 	MIGChildren []string
+	// MPSUnit is the health unit of the MPS control daemon serving this
+	// replica (MPSHealthUnit), "" when not shared through MPS.
+	MPSUnit string
 }
 
 // IndexID is the device's name under the index ID strategy: the GPU's NVML
@@ -53,10 +56,16 @@ func (d *Device) IndexID() string {
 // its GPU, its MIG device if it is one, and the MIG devices inside it if it
 // is a whole MIG-enabled GPU.
 func (d *Device) HealthUnits() []string {
+	var units []string
 	if d.MIG != nil {
-		return []string{d.GPUUUID, d.MIG.UUID}
+		units = []string{d.GPUUUID, d.MIG.UUID}
+	} else {
+		units = append([]string{d.GPUUUID}, d.MIGChildren...)
 	}
-	return append([]string{d.GPUUUID}, d.MIGChildren...)
+	if d.MPSUnit != "" {
+		units = append(units, d.MPSUnit)
+	}
+	return units
 }
 
 // Resource is one extended resource and its devices.
@@ -68,6 +77,9 @@ type Resource struct {
 	Replicas int
 	// FailRequestsGreaterThanOne rejects requests for more than one replica.
 	FailRequestsGreaterThanOne bool
+	// MPS: the replicas are shared through an MPS control daemon
+	// (sharing.mps) rather than by time-slicing.
+	MPS bool
 	// AllocationPolicy is flags.plugin.sharedDevicesAllocationPolicy:
 	// "distributed" or "packed"; GetPreferredAllocation uses it to choose
 	// among replicas.
@@ -131,7 +143,7 @@ func SplitReplicaID(id string) (physical string, replica int, err error) {
 // resource having "changed", for the log and for what is re-sent to the
 // kubelet.
 func (r *Resource) Equal(o *Resource) bool {
-	return r.Name == o.Name && r.Replicas == o.Replicas && r.FailRequestsGreaterThanOne == o.FailRequestsGreaterThanOne &&
+	return r.Name == o.Name && r.Replicas == o.Replicas && r.FailRequestsGreaterThanOne == o.FailRequestsGreaterThanOne && r.MPS == o.MPS &&
 		r.AllocationPolicy == o.AllocationPolicy && r.Base == o.Base &&
 		slices.EqualFunc(r.Devices, o.Devices, sameDevice)
 }
@@ -140,5 +152,5 @@ func sameDevice(x, y Device) bool {
 	sameMIG := (x.MIG == nil) == (y.MIG == nil) && (x.MIG == nil || reflect.DeepEqual(*x.MIG, *y.MIG))
 	return x.ID == y.ID && x.Physical == y.Physical && x.GPUIndex == y.GPUIndex && x.GPUUUID == y.GPUUUID &&
 		x.Replica == y.Replica && x.NUMANode == y.NUMANode && x.Minor == y.Minor && sameMIG &&
-		slices.Equal(x.MIGChildren, y.MIGChildren)
+		slices.Equal(x.MIGChildren, y.MIGChildren) && x.MPSUnit == y.MPSUnit
 }
