@@ -96,7 +96,11 @@ func runDemo(ctx context.Context, args []string, getenv func(string) string, std
 		fmt.Fprintf(stdout, "  %-28s capacity %d, allocatable %d\n", r, capacity, allocatable)
 	}
 	if len(resources) > 0 {
-		if err := sampleAllocation(ctx, stdout, kubelet, resources[0]); err != nil {
+		// A shared resource may refuse 2 replicas to one container
+		// (failRequestsGreaterThanOne; MPS's default).
+		rr, _ := cfg.ReplicatedSharing()
+		one := rr != nil && rr.FailRequestsGreaterThanOne != nil && *rr.FailRequestsGreaterThanOne
+		if err := sampleAllocation(ctx, stdout, kubelet, resources[0], one); err != nil {
 			fmt.Fprintf(stdout, "sample allocation failed: %v\n", err)
 		}
 	}
@@ -110,12 +114,15 @@ func runDemo(ctx context.Context, args []string, getenv func(string) string, std
 	return <-done
 }
 
-func sampleAllocation(ctx context.Context, w io.Writer, k *fakekubelet.Kubelet, resource string) error {
+func sampleAllocation(ctx context.Context, w io.Writer, k *fakekubelet.Kubelet, resource string, oneReplica bool) error {
 	var ids []string
 	for _, dev := range k.Devices(resource) {
 		ids = append(ids, dev.ID)
 	}
 	size := min(2, len(ids))
+	if oneReplica && len(ids) > 0 && strings.Contains(ids[0], "::") {
+		size = 1
+	}
 	preferred, err := k.Preferred(ctx, resource, ids, nil, size)
 	if err != nil {
 		return err
@@ -135,6 +142,9 @@ func sampleAllocation(ctx context.Context, w io.Writer, k *fakekubelet.Kubelet, 
 	}
 	for _, c := range resp.CdiDevices {
 		fmt.Fprintf(w, "  CDI device %s\n", c.Name)
+	}
+	for _, m := range resp.Mounts {
+		fmt.Fprintf(w, "  mount %s at %s\n", m.HostPath, m.ContainerPath)
 	}
 	return nil
 }

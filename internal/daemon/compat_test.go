@@ -109,7 +109,7 @@ func TestCompatCorpusDaemon(t *testing.T) {
 
 // mpsRoot is a short MPS root (the pipe's socket path must fit in 108
 // bytes), removed at the end of the test.
-func mpsRoot(t *testing.T) string {
+func mpsRoot(t testing.TB) string {
 	t.Helper()
 	root, err := os.MkdirTemp("/tmp", "mps")
 	if err != nil {

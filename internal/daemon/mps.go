@@ -30,6 +30,8 @@ func (d *Daemon) newMPS() {
 	if d.node == nil {
 		opts.Env = d.driverRootEnv()
 		opts.ComputeMode = d.setComputeMode
+	} else {
+		opts.InheritEnv = true
 	}
 	d.mps = mps.New(opts)
 }
@@ -138,3 +140,6 @@ func (d *Daemon) advertised(rs []*sharing.Resource) []*sharing.Resource {
 func (d *Daemon) applyMPS(cfg *config.Config, a *advert.Advertisement) {
 	d.mps.Apply(mps.Specs(cfg.MPSRoot(), a.Resources, a.Inventory))
 }
+
+// MPS is the MPS control daemon manager.
+func (d *Daemon) MPS() *mps.Manager { return d.mps }

@@ -24,6 +24,9 @@ type Options struct {
 	// its pipe and log directories): e.g. PATH and LD_LIBRARY_PATH for a
 	// driver root that is not this container's own.
 	Env []string
+	// InheritEnv starts the daemons with this process's environment under
+	// theirs (a simulated node: the fake binary reads its test knobs there).
+	InheritEnv bool
 	// ComputeMode sets the GPUs' compute mode: EXCLUSIVE_PROCESS before a
 	// daemon starts and DEFAULT after it quits, as NVIDIA's daemon does.
 	// nil leaves it alone (a simulated node).

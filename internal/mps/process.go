@@ -37,11 +37,15 @@ func (p *process) kill() {
 // env is the daemon's and its commands' environment.
 func (m *Manager) env(s Spec) []string {
 	d := s.Dirs()
-	return append([]string{
-		"CUDA_MPS_PIPE_DIRECTORY=" + d.Pipe,
-		"CUDA_MPS_LOG_DIRECTORY=" + d.Log,
-		"CUDA_VISIBLE_DEVICES=" + s.VisibleDevices(),
-	}, m.opts.Env...)
+	var base []string
+	if m.opts.InheritEnv {
+		base = os.Environ()
+	}
+	return append(append(base,
+		"CUDA_MPS_PIPE_DIRECTORY="+d.Pipe,
+		"CUDA_MPS_LOG_DIRECTORY="+d.Log,
+		"CUDA_VISIBLE_DEVICES="+s.VisibleDevices(),
+	), m.opts.Env...)
 }
 
 // start starts the daemon as NVIDIA's mps-control-daemon does: compute

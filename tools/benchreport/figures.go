@@ -78,6 +78,7 @@ var suites = []suite{
 	{id: "L", dir: ".", pkg: "./internal/daemon/", bench: "^BenchmarkConcurrentScrapes$", extra: []string{"-benchtime", "1x"}},
 	{id: "M", dir: "tests/kubelet", pkg: ".", bench: "^BenchmarkStreamDropToCapacity$", extra: []string{"-benchtime", "5x"}, root: true},
 	{id: "O", dir: ".", pkg: "./internal/cdi/", bench: "^BenchmarkGenerate$", extra: []string{"-benchtime", "50x", "-benchmem"}},
+	{id: "P", dir: ".", pkg: "./internal/daemon/", bench: "^BenchmarkMPS$", extra: []string{"-benchtime", "20x"}},
 }
 
 // metric is one reported value of a benchmark, shown as label + value +
@@ -175,6 +176,10 @@ var figures = []figure{
 		metrics: []metric{{"", "%core", 1, " % of a core"}}, target: &target{0, 1, "≤ 1% of a core"}},
 	{what: "Sampler CPU, dgx-h100, per-pod accounting with 100 processes, 1 s interval", suite: "I", bench: "BenchmarkSamplerCPU/dgx-h100/per-pod/processes=100",
 		metrics: []metric{{"", "%core", 1, " % of a core"}}, target: &target{0, 1, "≤ 1% of a core"}},
+	{what: "MPS: config applied (unshared → sharing.mps, 4 GPUs × 2) → replicas allocatable at the kubelet, fake control daemon", suite: "P", bench: "BenchmarkMPS/apply",
+		metrics: []metric{p50ms, p99ms, maxms}, note: "daemon start, limits, then the re-advertisement; the stand-in kubelet over real gRPC"},
+	{what: "MPS: control daemon killed → every replica unhealthy at the kubelet", suite: "P", bench: "BenchmarkMPS/death",
+		metrics: []metric{p50ms, p99ms, maxms}, note: "the exit is seen through the daemon's pidfd, at once; a hung daemon takes two 10 s probes"},
 	{what: "Whole-daemon RSS, 56 MIG devices, 100 pods, scraped every 100 ms", suite: "J", bench: "BenchmarkDaemonRSS",
 		metrics: []metric{{"VmRSS", "VmRSS-MB", 1, " MB"}, {"peak (VmHWM)", "VmHWM-MB", 1, " MB"}}, target: &target{1, 40, "≤ 40 MB"},
 		upstream: "dcgm-exporter: 100–500 MB reported by its users"},
