@@ -129,6 +129,9 @@ func describeResources(cfg *config.Config, stderr io.Writer) (string, int, error
 		var detail []string
 		if r.Shared() {
 			detail = append(detail, fmt.Sprintf("%d devices × %d replicas", len(physical), r.Replicas))
+			if r.MPS {
+				detail = append(detail, fmt.Sprintf("MPS: %d%% of the SMs each", 100/r.Replicas))
+			}
 			if r.FailRequestsGreaterThanOne {
 				detail = append(detail, "at most 1 per container")
 			}
