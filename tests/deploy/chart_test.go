@@ -517,9 +517,14 @@ func TestChartRejectsContradictoryValues(t *testing.T) {
 }
 
 // TestChartLint runs Helm's own chart linter (what `helm lint` checks)
-// under the defaults and with the monitoring objects on; warnings fail.
+// under the defaults, with the monitoring objects on and with MPS on;
+// warnings fail.
 func TestChartLint(t *testing.T) {
-	for name, vals := range map[string]map[string]any{"defaults": nil, "monitoring": MonitoringValues()} {
+	for name, vals := range map[string]map[string]any{
+		"defaults":   nil,
+		"monitoring": MonitoringValues(),
+		"mps":        {"mps": map[string]any{"enabled": true}},
+	} {
 		t.Run(name, func(t *testing.T) {
 			res := lint.AllWithKubeVersion(chartDir(), vals, ReleaseNamespace, nil)
 			for _, m := range res.Messages {

@@ -26,6 +26,17 @@ type mountDoc struct {
 // whose host path is a value (and absent when the driver root is "/").
 const driverRootMount = "/driver-root"
 
+// mpsShmMount is where the MPS root's shm directory is mounted: the MPS
+// servers' and their clients' shared memory.
+const mpsShmMount = "/dev/shm"
+
+// isMPSRow reports whether a row of the host path table is one of the MPS
+// mounts (naming mps.root, or /dev/shm): they are there only with MPS, at
+// the policy's root, so expectedMounts adds them itself.
+func isMPSRow(cells []string) bool {
+	return strings.Contains(strings.ToLower(cells[0]+cells[1]), "mps") || strings.Contains(cells[1], "`"+mpsShmMount+"`")
+}
+
 // documentedMounts parses docs/install.md's host path table (between the
 // hostpaths:begin/end markers).
 func documentedMounts(t *testing.T) []mountDoc {
@@ -36,6 +47,9 @@ func documentedMounts(t *testing.T) []mountDoc {
 	for _, line := range strings.Split(section, "\n") {
 		cells := strings.Split(strings.Trim(strings.TrimSpace(line), "|"), "|")
 		if len(cells) < 4 || strings.HasPrefix(strings.TrimSpace(cells[0]), "---") || strings.Contains(cells[0], "Host path") {
+			continue
+		}
+		if isMPSRow(cells) {
 			continue
 		}
 		var m mountDoc
@@ -64,9 +78,14 @@ func documentedMounts(t *testing.T) []mountDoc {
 }
 
 // expectedMounts is the documented list for a given driver root, and
-// whether a cdi-* strategy is set (which mounts the driver root "/" too).
-func expectedMounts(t *testing.T, driverRoot string, cdi bool) []mountDoc {
+// whether a cdi-* strategy is set (which mounts the driver root "/" too),
+// plus, with an MPS root, the MPS root at its own path and its shm at
+// /dev/shm, both read-write.
+func expectedMounts(t *testing.T, driverRoot string, cdi bool, mpsRoot string) []mountDoc {
 	var out []mountDoc
+	if mpsRoot != "" {
+		out = append(out, mountDoc{Host: mpsRoot, Container: mpsRoot}, mountDoc{Host: mpsRoot + "/shm", Container: mpsShmMount})
+	}
 	for _, m := range documentedMounts(t) {
 		if m.Container == driverRootMount {
 			if driverRoot == "/" && !cdi {
@@ -88,7 +107,8 @@ type policy struct {
 	tls          bool
 	allowedCaps  []string // capabilities the container may add
 	apiAccess    bool     // nodeHealth.condition: the pod mounts its token
-	hostPID      bool     // perPodUsage: the pod shares the host's PID namespace
+	hostPID      bool     // perPodUsage, MPS with mps.enableHostPID: the pod shares the host's PID namespace
+	mpsRoot      string   // MPS on: the MPS root mounted at its own path, and its shm at /dev/shm
 	rawDaemonSet string   // the rendered YAML, for the comment checks
 }
 
@@ -134,7 +154,7 @@ func checkDaemonSetPolicy(t *testing.T, ds *appsv1.DaemonSet, p policy) {
 	checkResources(t, c.Resources)
 	checkProbes(t, c, p)
 	checkSecurityContext(t, c.SecurityContext, p)
-	checkMounts(t, spec, c, p.driverRoot, p.cdi)
+	checkMounts(t, spec, c, p.driverRoot, p.cdi, p.mpsRoot)
 
 	if !slices.ContainsFunc(c.Ports, func(cp corev1.ContainerPort) bool {
 		return cp.Name == "metrics" && cp.ContainerPort == p.metricsPort
@@ -256,7 +276,7 @@ func checkSecurityContext(t *testing.T, sc *corev1.SecurityContext, p policy) {
 	}
 }
 
-func checkMounts(t *testing.T, spec corev1.PodSpec, c corev1.Container, driverRoot string, cdi bool) {
+func checkMounts(t *testing.T, spec corev1.PodSpec, c corev1.Container, driverRoot string, cdi bool, mpsRoot string) {
 	t.Helper()
 	volumes := map[string]corev1.Volume{}
 	for _, v := range spec.Volumes {
@@ -282,12 +302,12 @@ func checkMounts(t *testing.T, spec corev1.PodSpec, c corev1.Container, driverRo
 			t.Errorf("hostPath volume %s is not mounted", v.Name)
 		}
 	}
-	want := expectedMounts(t, driverRoot, cdi)
+	want := expectedMounts(t, driverRoot, cdi, mpsRoot)
 	byContainer := func(a, b mountDoc) int { return strings.Compare(a.Container, b.Container) }
 	slices.SortFunc(got, byContainer)
 	slices.SortFunc(want, byContainer)
 	if !slices.Equal(got, want) {
-		t.Errorf("hostPath mounts differ from docs/install.md's table (driver root %q):\n got  %+v\n want %+v", driverRoot, got, want)
+		t.Errorf("hostPath mounts differ from docs/install.md's table (driver root %q, MPS root %q):\n got  %+v\n want %+v", driverRoot, mpsRoot, got, want)
 	}
 }
 

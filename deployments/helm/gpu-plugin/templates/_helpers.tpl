@@ -78,6 +78,46 @@ config), whose CDI spec lists the driver's libraries and binaries found there.
 {{- if or (ne .Values.driverRoot "/") (contains "cdi-" (toString .Values.deviceListStrategy)) (regexMatch "(?m)^[^#\n]*cdi-(annotations|cri)" (toString .Values.config.inline)) }}true{{ end }}
 {{- end }}
 
+{{/*
+Whether a config file the chart holds shares GPUs through MPS: a sharing.mps section that is not null
+(as the daemon reads it: an empty one counts) in the sharing value, config.inline, or any file of
+config.map, each parsed as YAML, so commented-out sections do not count. A file in
+config.existingConfigMap is out of the chart's sight: mps.enabled stands for it.
+*/}}
+{{- define "gpu-plugin.mpsInConfig" -}}
+{{- $files := list }}
+{{- if not .Values.config.existingConfigMap }}
+{{- if .Values.config.map }}
+{{- $files = values .Values.config.map }}
+{{- else }}
+{{- $files = list (toString .Values.config.inline) (toYaml (dict "sharing" .Values.sharing)) }}
+{{- end }}
+{{- end }}
+{{- $found := false }}
+{{- range $files }}
+{{- $sharing := get (fromYaml (toString .)) "sharing" }}
+{{- if and (kindIs "map" $sharing) (hasKey $sharing "mps") (not (kindIs "invalid" (get $sharing "mps"))) }}
+{{- $found = true }}
+{{- end }}
+{{- end }}
+{{- if $found }}true{{ end }}
+{{- end }}
+
+{{/* Whether MPS is on: mps.enabled, or a sharing.mps section in a config the chart holds. */}}
+{{- define "gpu-plugin.mpsWanted" -}}
+{{- if or .Values.mps.enabled (include "gpu-plugin.mpsInConfig" .) }}true{{ end }}
+{{- end }}
+
+{{/* mps.root, cleaned ("" when unset): MPS_ROOT, and the host path mounted at the same path. */}}
+{{- define "gpu-plugin.mpsRoot" -}}
+{{- with .Values.mps.root }}{{ clean . }}{{ end }}
+{{- end }}
+
+{{/* Whether the MPS mounts (mps.root, and its shm at /dev/shm) are rendered. */}}
+{{- define "gpu-plugin.mpsMounts" -}}
+{{- if and (include "gpu-plugin.mpsWanted" .) (include "gpu-plugin.mpsRoot" .) }}true{{ end }}
+{{- end }}
+
 {{/* Whether the MIG strategy set here makes NVML list MIG devices. */}}
 {{- define "gpu-plugin.migEnabled" -}}
 {{- if has .Values.migStrategy (list "single" "mixed") }}true{{ end }}
@@ -138,6 +178,14 @@ httpGet:
 {{- end }}
 {{- if and .Values.nodeHealth.taint (not .Values.nodeHealth.condition) }}
 {{- fail "nodeHealth.taint needs nodeHealth.condition=true: the taint is written with the condition, under the same permissions" }}
+{{- end }}
+{{- if and (include "gpu-plugin.mpsWanted" .) (not .Values.mps.root) }}
+{{- $why := "a config the chart holds has a sharing.mps section" }}
+{{- if .Values.mps.enabled }}{{ $why = "mps.enabled=true" }}{{ end }}
+{{- fail (printf "mps.root is empty while MPS is on (%s): set mps.root to the host directory for the MPS control daemons, e.g. /run/nvidia/mps" $why) }}
+{{- end }}
+{{- if and (include "gpu-plugin.mpsWanted" .) (eq (include "gpu-plugin.mpsRoot" .) "/") }}
+{{- fail "mps.root is \"/\": it is mounted into the container at the same path, so it must be a directory of its own, e.g. /run/nvidia/mps" }}
 {{- end }}
 {{- if and (or .Values.webConfig.tls .Values.webConfig.basicAuth) (not (include "gpu-plugin.webConfigEnabled" .)) }}
 {{- fail "webConfig.tls or webConfig.basicAuth is set without a web config: set webConfig.config or webConfig.existingSecret" }}
