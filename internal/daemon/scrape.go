@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
+	"sync/atomic"
 )
 
 // Scrape limits: at most scrapesInFlight responses are written at once and
@@ -31,6 +32,15 @@ type scrapeGate struct {
 	mu      sync.Mutex
 	cur     *snapshot // the render in progress, nil when none
 	joiners int       // scrapes waiting for cur (tests watch it)
+	// bufs are render buffers, reused once every scrape a render served
+	// has written it: a render is about 250 KB on a large node, and
+	// allocating it per scrape made the garbage collector, not the
+	// render, the scrape's tail. lastSize sizes a new buffer.
+	bufs     sync.Pool
+	lastSize atomic.Int64
+	// gzips are gzip writers (about 1 MB of compressor state each) and
+	// gzBufs their output buffers, reused the same way.
+	gzips, gzBufs sync.Pool
 }
 
 // snapshot is one render's response, shared by every scrape it serves.
@@ -39,9 +49,12 @@ type snapshot struct {
 	status int
 	header http.Header
 	body   []byte
+	buf    *bytes.Buffer // body's storage, back to the pool at refs 0
+	refs   atomic.Int32  // scrapes still writing body
 
 	gzOnce sync.Once
 	gz     []byte
+	gzBuf  *bytes.Buffer // gz's storage, back to the pool at refs 0
 }
 
 func newScrapeGate(render http.Handler, inFlight, queued int) *scrapeGate {
@@ -68,6 +81,7 @@ func (g *scrapeGate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	snap := g.snapshot(r)
+	defer g.release(snap)
 	h := w.Header()
 	for k, v := range snap.header {
 		h[k] = v
@@ -76,7 +90,7 @@ func (g *scrapeGate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if snap.status == http.StatusOK && acceptsGzip(r) {
 		h.Set("Content-Encoding", "gzip")
 		h.Add("Vary", "Accept-Encoding")
-		body = snap.gzipped()
+		body = g.gzipped(snap)
 	}
 	h.Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(snap.status)
@@ -90,6 +104,7 @@ func (g *scrapeGate) snapshot(r *http.Request) *snapshot {
 	g.mu.Lock()
 	if s := g.cur; s != nil {
 		g.joiners++
+		s.refs.Add(1) // before cur is cleared, so the render's own release cannot free body under us
 		g.mu.Unlock()
 		<-s.done
 		g.mu.Lock()
@@ -98,6 +113,7 @@ func (g *scrapeGate) snapshot(r *http.Request) *snapshot {
 		return s
 	}
 	s := &snapshot{done: make(chan struct{})}
+	s.refs.Store(1)
 	g.cur = s
 	g.mu.Unlock()
 	defer func() {
@@ -109,24 +125,58 @@ func (g *scrapeGate) snapshot(r *http.Request) *snapshot {
 	// The render is plain: compression happens once per snapshot.
 	req := r.Clone(r.Context())
 	req.Header.Del("Accept-Encoding")
-	rec := &recorder{header: http.Header{}, status: http.StatusOK}
+	buf, _ := g.bufs.Get().(*bytes.Buffer)
+	if buf == nil {
+		buf = &bytes.Buffer{}
+		if n := g.lastSize.Load(); n > 0 {
+			buf.Grow(int(n + n/16))
+		}
+	}
+	rec := &recorder{header: http.Header{}, status: http.StatusOK, body: buf}
 	g.render.ServeHTTP(rec, req)
-	s.status, s.body = rec.status, rec.body.Bytes()
+	g.lastSize.Store(int64(buf.Len()))
+	s.status, s.body, s.buf = rec.status, buf.Bytes(), buf
 	rec.header.Del("Content-Length")
 	rec.header.Del("Content-Encoding")
 	s.header = rec.header
 	return s
 }
 
-func (s *snapshot) gzipped() []byte {
+// gzipped compresses a snapshot's body once, for every scrape it serves.
+func (g *scrapeGate) gzipped(s *snapshot) []byte {
 	s.gzOnce.Do(func() {
-		var buf bytes.Buffer
-		zw, _ := gzip.NewWriterLevel(&buf, gzip.BestSpeed)
+		buf, _ := g.gzBufs.Get().(*bytes.Buffer)
+		if buf == nil {
+			buf = &bytes.Buffer{}
+		}
+		zw, _ := g.gzips.Get().(*gzip.Writer)
+		if zw == nil {
+			zw, _ = gzip.NewWriterLevel(buf, gzip.BestSpeed)
+		} else {
+			zw.Reset(buf)
+		}
 		_, _ = zw.Write(s.body)
 		_ = zw.Close()
-		s.gz = buf.Bytes()
+		g.gzips.Put(zw)
+		s.gz, s.gzBuf = buf.Bytes(), buf
 	})
 	return s.gz
+}
+
+// release ends one scrape's use of a snapshot; the last one returns its
+// buffer to the pool.
+func (g *scrapeGate) release(s *snapshot) {
+	if s.refs.Add(-1) != 0 {
+		return
+	}
+	if s.buf != nil {
+		s.buf.Reset()
+		g.bufs.Put(s.buf)
+	}
+	if s.gzBuf != nil {
+		s.gzBuf.Reset()
+		g.gzBufs.Put(s.gzBuf)
+	}
 }
 
 // recorder captures a render.
@@ -134,7 +184,7 @@ type recorder struct {
 	header      http.Header
 	status      int
 	wroteHeader bool
-	body        bytes.Buffer
+	body        *bytes.Buffer
 }
 
 func (r *recorder) Header() http.Header { return r.header }

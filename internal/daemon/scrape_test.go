@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -194,4 +195,54 @@ func TestConnLimitMakesRoomFromIdle(t *testing.T) {
 			t.Fatalf("client %d got %q", i, b)
 		}
 	}
+}
+
+// varyingRender writes render n as n%7+1 identical lines of varying length,
+// so that a body mixing two renders (a reused buffer written while a scrape
+// still sends it) cannot pass for one.
+type varyingRender struct{ renders atomic.Int64 }
+
+func (v *varyingRender) ServeHTTP(w http.ResponseWriter, _ *http.Request) {
+	n := v.renders.Add(1)
+	line := fmt.Sprintf("render %d %s\n", n, strings.Repeat("x", int(n%13)*100))
+	for range n%7 + 1 {
+		fmt.Fprint(w, line)
+	}
+}
+
+// TestPooledRenderBuffersAreNotShared: render and gzip buffers are reused
+// once the scrapes a render served are done; under many concurrent and
+// overlapping scrapes, plain and gzipped, every body is exactly one render.
+func TestPooledRenderBuffersAreNotShared(t *testing.T) {
+	g := newScrapeGate(&varyingRender{}, 64, 64)
+	srv := httptest.NewServer(g)
+	defer srv.Close()
+	var wg sync.WaitGroup
+	for c := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 25 {
+				code, body := get(t, srv.URL, (c+i)%2 == 0)
+				lines := strings.SplitAfter(body, "\n")
+				lines = lines[:len(lines)-1] // after the last newline
+				var n int
+				if code != http.StatusOK || len(lines) == 0 {
+					t.Errorf("status %d, body %q", code, body)
+					return
+				}
+				if _, err := fmt.Sscanf(lines[0], "render %d", &n); err != nil || len(lines) != n%7+1 {
+					t.Errorf("body of %d lines starting %.40q is not one whole render", len(lines), lines[0])
+					return
+				}
+				for _, l := range lines {
+					if l != lines[0] {
+						t.Errorf("render %d's body mixes in %.40q", n, l)
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
 }
