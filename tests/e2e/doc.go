@@ -25,7 +25,12 @@
 // since Debian's lacks kubernetes_sd), 4b per-pod accounting (perpod_test.go:
 // hostPID, three time-sliced pods whose real container PIDs are registered
 // on the simulated GPUs, their own series, a host process unattributed, the
-// per-pod autoscaling recipe evaluated in that Prometheus), 5 health (XID 79 through the
+// per-pod autoscaling recipe evaluated in that Prometheus), 4c CUDA MPS sharing
+// (mps_test.go: sharing.mps in the chart's config, the chart's hostPID and
+// MPS mounts, the daemon running the fake nvidia-cuda-mps-control that
+// image.sh adds to a derived test image; two client pods sharing one
+// /dev/shm with the host and the plugin, a 2-replica pod refused, the
+// control daemon killed and restarted, and quit on the way back), 5 health (XID 79 through the
 // simulated node's /sim API; the GPUHealthy condition, Events, the taint
 // under a 1,000-XID storm and the service account's limits in
 // nodehealth_test.go), 6 kubelet and

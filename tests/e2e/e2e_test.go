@@ -111,6 +111,7 @@ func TestNode(t *testing.T) {
 		{"3c-node-feature-api", s.nodeFeatureAPI},
 		{"4-prometheus", s.prometheus},
 		{"4b-per-pod-usage", s.perPodUsage},
+		{"4c-mps", s.mpsScenario},
 		{"5-health", s.health},
 		{"6-restarts", s.restarts},
 		{"7-uninstall", s.uninstall},

@@ -2,7 +2,9 @@
 # Sourced by scripts/test-e2e.sh: builds the project's image from the
 # Dockerfile, unchanged, with buildah (Debian's package), and sets
 # E2E_IMAGE (name:tag), E2E_IMAGE_ARCHIVE (a docker-archive tarball for
-# `ctr images import`) and E2E_IMAGE_ORIGIN (how it was made).
+# `ctr images import`) and E2E_IMAGE_ORIGIN (how it was made). Then it
+# derives the MPS scenario's test image from it (build_mps_image), and sets
+# E2E_MPS_IMAGE, E2E_MPS_IMAGE_ARCHIVE and E2E_MPS_CONTROL.
 #
 # No registry is reached: the Dockerfile's two base images are replaced by
 # local stand-ins stored under exactly the names its FROM lines resolve to:
@@ -101,8 +103,13 @@ standin_images() {
 	fi
 }
 
-# build_image REPO CACHE
+# build_image REPO CACHE: the project image, then the MPS scenario's image derived from it.
 build_image() {
+	build_product_image "$@" && build_mps_image
+}
+
+# build_product_image REPO CACHE
+build_product_image() {
 	local key archive log
 	key=$(cd "$repo" && { cat Dockerfile .dockerignore go.mod go.sum 2>/dev/null; find cmd internal -type f -print0 | sort -z | xargs -0 sha256sum; } | sha256sum | cut -c1-16)
 	mkdir -p "$cache/images"
@@ -127,4 +134,39 @@ build_image() {
 	rm -f "$cache"/images/gpu-plugin-*.tar
 	bah push -q "$e2e_image_name" "docker-archive:$archive.tmp:$e2e_image_name" >/dev/null
 	mv "$archive.tmp" "$archive"
+}
+
+e2e_mps_image_name=gpu-plugin.local/gpu-plugin:e2e-mps
+
+# build_mps_image: scenario 4c's image, the project image plus the test fake
+# of nvidia-cuda-mps-control (internal/testkit/fakempscontrol) at
+# /usr/local/bin/nvidia-cuda-mps-control. A simulated node has no driver and
+# so no control binary, and the chart has no general way to add a volume to
+# the plugin's pod (no extraVolumes), so the fake travels in a derived image
+# that only scenario 4c installs (through the chart's image values, with
+# --mps-control-binary naming it); the product image and the Dockerfile are
+# left as they are. FROM is the product image's archive, so nothing is
+# rebuilt and no registry is reached. Sets E2E_MPS_IMAGE, its
+# E2E_MPS_IMAGE_ARCHIVE, and E2E_MPS_CONTROL: the same fake on this machine,
+# through which the test sends the daemon its commands (die).
+build_mps_image() {
+	local bin key archive ctr
+	bin="$cache/bin/nvidia-cuda-mps-control"
+	# Static (CGO_ENABLED=0), as its doc comment says: it runs in the distroless image and on the host.
+	(cd "$repo" && CGO_ENABLED=0 "${nice_cmd[@]}" go build -trimpath -o "$bin" ./internal/testkit/fakempscontrol) || return 1
+	key=$({ basename "$E2E_IMAGE_ARCHIVE"; sha256sum <"$bin"; } | sha256sum | cut -c1-16)
+	archive="$cache/images/gpu-plugin-e2e-mps-$key.tar"
+	export E2E_MPS_IMAGE=$e2e_mps_image_name E2E_MPS_IMAGE_ARCHIVE=$archive E2E_MPS_CONTROL=$bin
+	if [ -f "$archive" ]; then
+		echo "e2e: MPS test image $e2e_mps_image_name (cached)"
+		return 0
+	fi
+	ctr=$(bah from -q "docker-archive:$E2E_IMAGE_ARCHIVE") || return 1
+	bah copy --chmod 0755 "$ctr" "$bin" /usr/local/bin/nvidia-cuda-mps-control >/dev/null || return 1
+	bah config --label org.opencontainers.image.description="tests/e2e: $E2E_IMAGE plus the test fake of nvidia-cuda-mps-control (scenario 4c)" "$ctr" || return 1
+	bah commit -q --rm "$ctr" "$e2e_mps_image_name" >/dev/null || return 1
+	rm -f "$cache"/images/gpu-plugin-e2e-mps-*.tar
+	bah push -q "$e2e_mps_image_name" "docker-archive:$archive.tmp:$e2e_mps_image_name" >/dev/null || return 1
+	mv "$archive.tmp" "$archive"
+	echo "e2e: MPS test image $e2e_mps_image_name: $E2E_IMAGE + /usr/local/bin/nvidia-cuda-mps-control (fake)"
 }

@@ -56,6 +56,12 @@ type env struct {
 	imageArchive string // the project image, a docker-archive tarball
 	image        string // its name:tag
 	imageOrigin  string // how it was built, for the test output
+	// Scenario 4c's image: the project image plus the fake
+	// nvidia-cuda-mps-control (image.sh's build_mps_image), and that fake
+	// on this machine.
+	mpsImageArchive string
+	mpsImage        string
+	mpsControl      string
 }
 
 func repoRoot() string {
@@ -78,9 +84,14 @@ func loadEnv(t *testing.T) env {
 		imageArchive: os.Getenv("E2E_IMAGE_ARCHIVE"),
 		image:        os.Getenv("E2E_IMAGE"),
 		imageOrigin:  os.Getenv("E2E_IMAGE_ORIGIN"),
+
+		mpsImageArchive: os.Getenv("E2E_MPS_IMAGE_ARCHIVE"),
+		mpsImage:        os.Getenv("E2E_MPS_IMAGE"),
+		mpsControl:      os.Getenv("E2E_MPS_CONTROL"),
 	}
 	for name, v := range map[string]string{"E2E_ROOT": e.root, "E2E_NODE_BIN": e.nodeBin, "E2E_CGROUP_ROOT": e.cgroupRoot,
-		"E2E_BUSYBOX": e.busybox, "E2E_IMAGE_ARCHIVE": e.imageArchive, "E2E_IMAGE": e.image} {
+		"E2E_BUSYBOX": e.busybox, "E2E_IMAGE_ARCHIVE": e.imageArchive, "E2E_IMAGE": e.image,
+		"E2E_MPS_IMAGE_ARCHIVE": e.mpsImageArchive, "E2E_MPS_IMAGE": e.mpsImage, "E2E_MPS_CONTROL": e.mpsControl} {
 		if v == "" {
 			t.Fatalf("%s is not set: run the suite through scripts/test-e2e.sh", name)
 		}
@@ -525,7 +536,7 @@ func (n *node) importImages(t *testing.T) {
 	if err := busyboxImage(n.env.busybox, pod, podImage, []string{"/bin/sh"}); err != nil {
 		t.Fatal(err)
 	}
-	for _, a := range []string{pause, pod, n.env.imageArchive} {
+	for _, a := range []string{pause, pod, n.env.imageArchive, n.env.mpsImageArchive} {
 		if _, err := n.ctr("images", "import", a); err != nil {
 			t.Fatal(err)
 		}
@@ -534,7 +545,7 @@ func (n *node) importImages(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{pauseImage, podImage, n.env.image} {
+	for _, want := range []string{pauseImage, podImage, n.env.image, n.env.mpsImage} {
 		if !strings.Contains(out, want) {
 			t.Fatalf("image %s not in containerd after import; it has:\n%s", want, out)
 		}
