@@ -51,6 +51,13 @@ type Telemetry struct {
 	// PerPodDCGMSeries adds per-pod DCGM_FI_DEV_FB_USED and GPU_UTIL
 	// series beside the device series (dcgm-exporter's per-pod shape).
 	PerPodDCGMSeries bool `json:"perPodDCGMSeries"`
+	// KubernetesVirtualGPUs serves dcgm-exporter's --kubernetes-virtual-gpus
+	// series shape: each DCGM series of a device containers hold is
+	// replaced by one copy per holding container and replica (labels pod,
+	// namespace, container, vgpu), and DCGM_FI_DEV_FB_USED and GPU_UTIL
+	// keep the device series and add per-pod ones. Needs PerPodUsage;
+	// supersedes PerPodDCGMSeries.
+	KubernetesVirtualGPUs bool `json:"kubernetesVirtualGPUs"`
 	// ProcRoot is where the host's /proc is (tests point it elsewhere).
 	ProcRoot string `json:"-"`
 }
@@ -139,7 +146,31 @@ func telemetryOptions() []Option {
 		boolean("per-pod-dcgm-series", []string{"GPU_PLUGIN_PER_POD_DCGM_SERIES"},
 			"with --per-pod-usage: also one DCGM_FI_DEV_FB_USED and DCGM_FI_DEV_GPU_UTIL series per pod (labelled pod_uid) beside each device series, the per-pod series of dcgm-exporter's --kubernetes-virtual-gpus (without its vgpu copies); sums over those families must then filter on pod_uid",
 			func(c *Config) *bool { return &c.Telemetry.PerPodDCGMSeries }),
+		kubernetesVirtualGPUs(boolean("kubernetes-virtual-gpus", []string{"GPU_PLUGIN_KUBERNETES_VIRTUAL_GPUS", "KUBERNETES_VIRTUAL_GPUS"},
+			"dcgm-exporter's --kubernetes-virtual-gpus series shape, for dashboards written for it: every DCGM_* series of a GPU or MIG device that containers hold is replaced by one copy per holding container and replica, labelled pod, namespace, container and vgpu (the replica number of a time-sliced or MPS device ID <uuid>::<n>); DCGM_FI_DEV_FB_USED and DCGM_FI_DEV_GPU_UTIL keep the device series and add one per pod with its own value (labelled pod_uid too), so sums over any DCGM_* family must then filter; needs --per-pod-usage; supersedes --per-pod-dcgm-series",
+			func(c *Config) *bool { return &c.Telemetry.KubernetesVirtualGPUs })),
 	}
+}
+
+// kubernetesVirtualGPUs refuses --kubernetes-virtual-gpus without
+// --per-pod-usage, whose accounting gives the per-pod FB_USED and
+// GPU_UTIL values: dcgm-exporter serves them as 0 when it cannot read the
+// processes, which looks like idle pods. The check runs when the option is
+// set, which Load does after per-pod-usage (the table's order; telemetry
+// options are flags and environment only, so every one is set every
+// time); TestTelemetryOptions pins that.
+func kubernetesVirtualGPUs(o Option) Option {
+	set := o.set
+	o.set = func(c *Config, v string) error {
+		if err := set(c, v); err != nil {
+			return err
+		}
+		if c.Telemetry.KubernetesVirtualGPUs && !c.Telemetry.PerPodUsage {
+			return fmt.Errorf("needs --per-pod-usage (GPU_PLUGIN_PER_POD_USAGE=true, chart perPodUsage.enabled), whose per-process accounting gives each pod's own DCGM_FI_DEV_FB_USED and DCGM_FI_DEV_GPU_UTIL; turn it on, or drop --kubernetes-virtual-gpus")
+		}
+		return nil
+	}
+	return o
 }
 
 // TelemetrySettings returns the telemetry settings with defaults filled

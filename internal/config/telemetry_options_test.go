@@ -2,6 +2,7 @@ package config
 
 import (
 	"io"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -66,5 +67,73 @@ func TestTelemetryOptions(t *testing.T) {
 	}
 	if s := (&Config{}).TelemetrySettings(); s.CollectInterval != time.Second || s.Backend != TelemetryAuto || s.PodResourcesSocket != "" {
 		t.Errorf("settings of a hand-built config: %+v", s)
+	}
+}
+
+// TestKubernetesVirtualGPUs: dcgm-exporter's --kubernetes-virtual-gpus,
+// under its flag and environment names and ours; it needs --per-pod-usage
+// whatever the source of either, and --help documents it.
+func TestKubernetesVirtualGPUs(t *testing.T) {
+	load := func(args []string, env map[string]string) (*Config, error) {
+		c, _, err := Load("gpu-plugin", args, func(k string) string { return env[k] }, io.Discard)
+		return c, err
+	}
+	for _, tc := range []struct {
+		name string
+		args []string
+		env  map[string]string
+		want bool   // KubernetesVirtualGPUs
+		err  string // an error containing this, else none
+	}{
+		{"off by default", []string{"--per-pod-usage"}, nil, false, ""},
+		{"the flag", []string{"--per-pod-usage", "--kubernetes-virtual-gpus"}, nil, true, ""},
+		{"dcgm-exporter's variable", nil, map[string]string{"KUBERNETES_VIRTUAL_GPUS": "true", "GPU_PLUGIN_PER_POD_USAGE": "true"}, true, ""},
+		{"ours", nil, map[string]string{"GPU_PLUGIN_KUBERNETES_VIRTUAL_GPUS": "1", "GPU_PLUGIN_PER_POD_USAGE": "true"}, true, ""},
+		{"ours beats dcgm-exporter's", []string{"--per-pod-usage"}, map[string]string{"GPU_PLUGIN_KUBERNETES_VIRTUAL_GPUS": "false", "KUBERNETES_VIRTUAL_GPUS": "true"}, false, ""},
+		{"the flag beats the environment", []string{"--per-pod-usage", "--kubernetes-virtual-gpus=false"}, map[string]string{"KUBERNETES_VIRTUAL_GPUS": "true"}, false, ""},
+		{"with --per-pod-dcgm-series too", []string{"--per-pod-usage", "--per-pod-dcgm-series", "--kubernetes-virtual-gpus"}, nil, true, ""},
+		{"flag order does not matter", []string{"--kubernetes-virtual-gpus", "--per-pod-usage"}, nil, true, ""},
+		{"without per-pod accounting", []string{"--kubernetes-virtual-gpus"}, nil, false,
+			`--kubernetes-virtual-gpus="true": needs --per-pod-usage (GPU_PLUGIN_PER_POD_USAGE=true`},
+		{"without per-pod accounting, from the environment", nil, map[string]string{"KUBERNETES_VIRTUAL_GPUS": "true"}, false,
+			`KUBERNETES_VIRTUAL_GPUS="true": needs --per-pod-usage`},
+		{"per-pod accounting turned off explicitly", []string{"--kubernetes-virtual-gpus"}, map[string]string{"GPU_PLUGIN_PER_POD_USAGE": "false"}, false,
+			"or drop --kubernetes-virtual-gpus"},
+		{"not a boolean", []string{"--per-pod-usage", "--kubernetes-virtual-gpus=maybe"}, nil, false, "want true or false"},
+		{"attribution off", []string{"--per-pod-usage", "--kubernetes-virtual-gpus", "--pod-resources-socket="}, nil, false, "per-pod-usage: needs the kubelet's pod-resources socket"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := load(tc.args, tc.env)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("error %v, want one containing %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.Telemetry.KubernetesVirtualGPUs != tc.want || c.TelemetrySettings().KubernetesVirtualGPUs != tc.want {
+				t.Errorf("KubernetesVirtualGPUs %v, want %v", c.Telemetry.KubernetesVirtualGPUs, tc.want)
+			}
+		})
+	}
+
+	// The check reads PerPodUsage when the option is set: per-pod-usage
+	// must come first in the table.
+	names := []string{}
+	for _, o := range Options() {
+		names = append(names, o.Name)
+	}
+	if slices.Index(names, "per-pod-usage") > slices.Index(names, "kubernetes-virtual-gpus") {
+		t.Error("kubernetes-virtual-gpus is set before per-pod-usage: its check would read a stale PerPodUsage")
+	}
+
+	var help strings.Builder
+	PrintUsage(&help, "gpu-plugin")
+	for _, want := range []string{"--kubernetes-virtual-gpus  (env GPU_PLUGIN_KUBERNETES_VIRTUAL_GPUS, KUBERNETES_VIRTUAL_GPUS; default \"false\")", "vgpu", "needs --per-pod-usage", "supersedes --per-pod-dcgm-series"} {
+		if !strings.Contains(help.String(), want) {
+			t.Errorf("--help lacks %q", want)
+		}
 	}
 }

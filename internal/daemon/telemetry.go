@@ -95,7 +95,17 @@ func (d *Daemon) newTelemetry() error {
 	}
 	d.tel.sampler = telemetry.NewSampler(samplerOpts)
 	opts := telemetry.CollectorOptions{Sampler: d.tel.sampler, ReplaceBlanksInModelName: s.ReplaceBlanksInModelName,
-		PerPodDCGM: s.PerPodDCGMSeries && samplerOpts.Attributor != nil}
+		PerPodDCGM:  s.PerPodDCGMSeries && !s.KubernetesVirtualGPUs && samplerOpts.Attributor != nil,
+		VirtualGPUs: s.KubernetesVirtualGPUs && d.tel.pods != nil}
+	if opts.VirtualGPUs {
+		log.Info("DCGM_* series in dcgm-exporter's --kubernetes-virtual-gpus shape: one copy per container and replica holding a device (vgpu label), FB_USED and GPU_UTIL also per pod")
+		if s.PerPodDCGMSeries {
+			log.Info("--per-pod-dcgm-series is superseded by --kubernetes-virtual-gpus, whose per-pod FB_USED and GPU_UTIL series carry vgpu too")
+		}
+		if samplerOpts.Attributor == nil {
+			log.Warn("--kubernetes-virtual-gpus without per-pod accounting (no API server client): DCGM_FI_DEV_FB_USED and DCGM_FI_DEV_GPU_UTIL have no per-pod series")
+		}
+	}
 	if !s.NoHostname {
 		opts.Hostname = d.hostname()
 	}

@@ -53,6 +53,32 @@ type Holder struct {
 	Pod       string
 	Container string
 	Resource  string // the extended resource, e.g. nvidia.com/gpu.shared
+	// DeviceIDs are the kubelet's IDs through which the container holds
+	// the unit, sorted: one for a whole device ("GPU-…"), one per replica
+	// of a shared one ("GPU-…::3"; see Replica). Empty in hand-built
+	// snapshots, which then mean the unit held once.
+	DeviceIDs []string
+}
+
+// Equal reports whether two holders are the same container holding the
+// unit through the same resource and device IDs.
+func (h Holder) Equal(o Holder) bool {
+	return h.Namespace == o.Namespace && h.Pod == o.Pod && h.Container == o.Container && h.Resource == o.Resource &&
+		slices.Equal(h.DeviceIDs, o.DeviceIDs)
+}
+
+// sameContainer reports whether two holders are one container holding
+// through one resource.
+func (h Holder) sameContainer(o Holder) bool {
+	return h.Namespace == o.Namespace && h.Pod == o.Pod && h.Container == o.Container && h.Resource == o.Resource
+}
+
+// Replica is the replica number in a shared device's ID: "3" for
+// "GPU-…::3" (the part after the first "::", as dcgm-exporter reads it
+// for its vgpu label); ok is false for the ID of a whole device.
+func Replica(deviceID string) (n string, ok bool) {
+	_, n, ok = strings.Cut(deviceID, "::")
+	return n, ok
 }
 
 // Snapshot is the attribution at one moment: who holds each unit (GPU or
@@ -248,7 +274,7 @@ func (c *Cache) refresh(ctx context.Context, client podresourcesv1.PodResourcesL
 		return
 	}
 	snap := c.build(resp)
-	if old := c.snap.Load(); old != nil && old.Containers == snap.Containers && maps.EqualFunc(old.ByUnit, snap.ByUnit, slices.Equal) {
+	if old := c.snap.Load(); old != nil && old.Containers == snap.Containers && maps.EqualFunc(old.ByUnit, snap.ByUnit, sameHolders) {
 		// Unchanged: readers keep what they built for the snapshot they
 		// have (the collector's labelled view) instead of rebuilding it.
 		snap = old
@@ -307,9 +333,16 @@ func (c *Cache) build(resp *podresourcesv1.ListPodResourcesResponse) *Snapshot {
 						continue
 					}
 					h := Holder{Namespace: pod.GetNamespace(), Pod: pod.GetName(), Container: ctr.GetName(), Resource: dev.GetResourceName()}
-					// Replicas of one device held by one container count once.
-					if !slices.Contains(s.ByUnit[unit], h) {
-						s.ByUnit[unit] = append(s.ByUnit[unit], h)
+					// Replicas of one device held by one container count
+					// once, with every replica's ID.
+					hs := s.ByUnit[unit]
+					if k := slices.IndexFunc(hs, h.sameContainer); k >= 0 {
+						if !slices.Contains(hs[k].DeviceIDs, id) {
+							hs[k].DeviceIDs = append(hs[k].DeviceIDs, id)
+						}
+					} else {
+						h.DeviceIDs = []string{id}
+						s.ByUnit[unit] = append(hs, h)
 					}
 					holds = true
 				}
@@ -320,6 +353,9 @@ func (c *Cache) build(resp *podresourcesv1.ListPodResourcesResponse) *Snapshot {
 		}
 	}
 	for _, hs := range s.ByUnit {
+		for _, h := range hs {
+			slices.Sort(h.DeviceIDs)
+		}
 		slices.SortFunc(hs, func(a, b Holder) int {
 			return strings.Compare(a.Namespace+"\x00"+a.Pod+"\x00"+a.Container+"\x00"+a.Resource,
 				b.Namespace+"\x00"+b.Pod+"\x00"+b.Container+"\x00"+b.Resource)
@@ -327,6 +363,8 @@ func (c *Cache) build(resp *podresourcesv1.ListPodResourcesResponse) *Snapshot {
 	}
 	return s
 }
+
+func sameHolders(a, b []Holder) bool { return slices.EqualFunc(a, b, Holder.Equal) }
 
 // ResolveUUIDs is the fallback resolver: a device ID that is a GPU or MIG
 // UUID, possibly with a replica suffix ("GPU-…::3"), stands for that UUID

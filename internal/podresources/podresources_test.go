@@ -86,7 +86,7 @@ func waitFor(t *testing.T, c *podresources.Cache, what string, cond func(*podres
 func holders(s *podresources.Snapshot, unit string) string {
 	var out []string
 	for _, h := range s.Holders(unit) {
-		out = append(out, h.Namespace+"/"+h.Pod+"/"+h.Container+"@"+h.Resource)
+		out = append(out, h.Namespace+"/"+h.Pod+"/"+h.Container+"@"+h.Resource+"["+strings.Join(h.DeviceIDs, ",")+"]")
 	}
 	return strings.Join(out, " ")
 }
@@ -123,12 +123,13 @@ func TestAttribution(t *testing.T) {
 	waitFor(t, c, "first refresh", func(_ *podresources.Snapshot, st podresources.Status) bool { return st.Successes > 0 })
 	s := c.Snapshot()
 	for _, tc := range []struct{ unit, want string }{
-		{"GPU-a", "ml/train-0/main@nvidia.com/gpu"},
-		{"MIG-m1", "ml/infer-0/a@nvidia.com/mig-1g.5gb"},
-		{"MIG-m2", "ml/infer-0/b@nvidia.com/mig-1g.5gb"},
-		{"GPU-b", "dev/nb-1/jupyter@nvidia.com/gpu.shared dev/nb-2/jupyter@nvidia.com/gpu.shared"},
-		{"MIG-m3", "dev/nb-3/x@nvidia.com/mig-1g.5gb.sh dev/nb-4/x@nvidia.com/mig-1g.5gb.sh"},
-		{"GPU-old", "old/legacy/c@nvidia.com/gpu-old"},
+		{"GPU-a", "ml/train-0/main@nvidia.com/gpu[GPU-a]"},
+		{"MIG-m1", "ml/infer-0/a@nvidia.com/mig-1g.5gb[MIG-m1]"},
+		{"MIG-m2", "ml/infer-0/b@nvidia.com/mig-1g.5gb[MIG-m2]"},
+		// One holder per container, with every replica it holds.
+		{"GPU-b", "dev/nb-1/jupyter@nvidia.com/gpu.shared[GPU-b::0,GPU-b::2] dev/nb-2/jupyter@nvidia.com/gpu.shared[GPU-b::1]"},
+		{"MIG-m3", "dev/nb-3/x@nvidia.com/mig-1g.5gb.sh[MIG-m3::0] dev/nb-4/x@nvidia.com/mig-1g.5gb.sh[MIG-m3::1]"},
+		{"GPU-old", "old/legacy/c@nvidia.com/gpu-old[GPU-old::4]"},
 		{"GPU-c", ""},
 		{"GPU-unknown", ""},
 		{"mlx5_0", ""},
@@ -149,8 +150,27 @@ func TestAttribution(t *testing.T) {
 	waitFor(t, c, "refresh after the pods left", func(s *podresources.Snapshot, _ podresources.Status) bool {
 		return len(s.Holders("GPU-a")) == 0
 	})
-	if got := holders(c.Snapshot(), "GPU-b"); got != "dev/nb-2/jupyter@nvidia.com/gpu.shared" {
+	if got := holders(c.Snapshot(), "GPU-b"); got != "dev/nb-2/jupyter@nvidia.com/gpu.shared[GPU-b::1]" {
 		t.Errorf("GPU-b after nb-1 left: %q", got)
+	}
+
+	// The same container on another replica (listed in another order) is
+	// a new attribution: the replica numbers are dcgm-exporter's vgpu
+	// label.
+	before := c.Snapshot()
+	srv.SetPods(fake.Pod("dev", "nb-2", fake.Container{Name: "jupyter", Devices: []fake.Devices{dev("nvidia.com/gpu.shared", "GPU-b::2", "GPU-b::0")}}))
+	c.Refresh()
+	waitFor(t, c, "refresh after the replicas changed", func(s *podresources.Snapshot, _ podresources.Status) bool { return s != before })
+	if got := holders(c.Snapshot(), "GPU-b"); got != "dev/nb-2/jupyter@nvidia.com/gpu.shared[GPU-b::0,GPU-b::2]" {
+		t.Errorf("GPU-b after nb-2 moved replicas: %q", got)
+	}
+	// An unchanged List keeps the snapshot (readers keep their views).
+	same := c.Snapshot()
+	st := c.Status()
+	c.Refresh()
+	waitFor(t, c, "another refresh", func(_ *podresources.Snapshot, s podresources.Status) bool { return s.Successes > st.Successes })
+	if c.Snapshot() != same {
+		t.Error("an unchanged List published a new snapshot")
 	}
 	if strings.Contains(logs.String(), "level=WARN") {
 		t.Errorf("warnings logged with a working kubelet:\n%s", logs)
@@ -267,5 +287,23 @@ func TestRefreshAfterAllocate(t *testing.T) {
 	})
 	if took := time.Since(start); took > 2*time.Second {
 		t.Errorf("attribution after Refresh took %s", took)
+	}
+}
+
+func TestReplica(t *testing.T) {
+	for _, tc := range []struct {
+		id, n string
+		ok    bool
+	}{
+		{"GPU-b::3", "3", true},
+		{"MIG-m3::12", "12", true},
+		{"0::1", "1", true}, // the index ID strategy's replicas
+		{"GPU-a", "", false},
+		{"MIG-m1", "", false},
+		{"0", "", false},
+	} {
+		if n, ok := podresources.Replica(tc.id); n != tc.n || ok != tc.ok {
+			t.Errorf("Replica(%q) = %q, %v; want %q, %v", tc.id, n, ok, tc.n, tc.ok)
+		}
 	}
 }

@@ -59,20 +59,27 @@ func BenchmarkScrape(b *testing.B) {
 		pods    int
 		gzip    bool
 		perPod  bool // per-pod accounting: each pod runs a process
+		virtual bool // VirtualGPUs (with perPod)
 	}{
-		{"dgx-h100", 0, false, false},
-		{"dgx-h100", 8, false, false},
-		{"dgx-h100", 8, true, false},
-		{"dgx-h100", 80, false, true},
-		{"testdata/dgx-a100-56mig.yaml", 0, false, false},
-		{"testdata/dgx-a100-56mig.yaml", 100, false, false},
-		{"testdata/dgx-a100-56mig.yaml", 1000, false, false},
-		{"testdata/dgx-a100-56mig.yaml", 100, true, false},
-		{"testdata/dgx-a100-56mig.yaml", 1000, false, true},
+		{"dgx-h100", 0, false, false, false},
+		{"dgx-h100", 8, false, false, false},
+		{"dgx-h100", 8, true, false, false},
+		{"dgx-h100", 80, false, true, false},
+		// dcgm-exporter's --kubernetes-virtual-gpus shape: 8 GPUs × 10
+		// replicas, each held by one of 80 pods.
+		{"dgx-h100", 80, false, true, true},
+		{"testdata/dgx-a100-56mig.yaml", 0, false, false, false},
+		{"testdata/dgx-a100-56mig.yaml", 100, false, false, false},
+		{"testdata/dgx-a100-56mig.yaml", 1000, false, false, false},
+		{"testdata/dgx-a100-56mig.yaml", 100, true, false, false},
+		{"testdata/dgx-a100-56mig.yaml", 1000, false, true, false},
 	} {
 		name := fmt.Sprintf("%s/pods=%d/gzip=%v", tc.profile, tc.pods, tc.gzip)
 		if tc.perPod {
 			name += "/per-pod"
+		}
+		if tc.virtual {
+			name += "/virtual-gpus"
 		}
 		b.Run(name, func(b *testing.B) {
 			var pp *perPodNode
@@ -80,6 +87,7 @@ func BenchmarkScrape(b *testing.B) {
 			if tc.perPod {
 				pp = newPerPodNode(b, tc.pods)
 				opts = pp.options()
+				opts.virtualGPUs = tc.virtual
 			}
 			e := newSimEnv(b, tc.profile, opts)
 			e.sample()

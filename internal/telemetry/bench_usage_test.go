@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -52,7 +53,11 @@ func (p *perPodNode) place(tb testing.TB, e *simEnv) {
 		name := fmt.Sprintf("job-%04d-0", i)
 		cid := strings.Repeat(fmt.Sprintf("%x", i%16), 64)
 		p.dir.Set(podusage.Pod{UID: uid, Namespace: "team", Name: name, Containers: map[string]string{cid: "main"}})
-		by[t.Key] = append(by[t.Key], podresources.Holder{Namespace: "team", Pod: name, Container: "main", Resource: "nvidia.com/gpu"})
+		h := podresources.Holder{Namespace: "team", Pod: name, Container: "main", Resource: "nvidia.com/gpu", DeviceIDs: []string{t.Key}}
+		if p.pods > len(targets) { // time-sliced: replica IDs, as the kubelet lists them
+			h.DeviceIDs = []string{t.Key + "::" + strconv.Itoa(i/len(targets))}
+		}
+		by[t.Key] = append(by[t.Key], h)
 		pid := 1000 + i
 		dir := filepath.Join(p.proc, fmt.Sprint(pid))
 		must(tb, os.MkdirAll(dir, 0o755))
@@ -87,10 +92,17 @@ func BenchmarkScrapeAfterRound(b *testing.B) {
 	for _, tc := range []struct {
 		profile string
 		pods    int
-	}{{"dgx-h100", 80}, {"testdata/dgx-a100-56mig.yaml", 1000}} {
-		b.Run(fmt.Sprintf("%s/pods=%d", tc.profile, tc.pods), func(b *testing.B) {
+		virtual bool // VirtualGPUs
+	}{{"dgx-h100", 80, false}, {"testdata/dgx-a100-56mig.yaml", 1000, false}, {"dgx-h100", 80, true}} {
+		name := fmt.Sprintf("%s/pods=%d", tc.profile, tc.pods)
+		if tc.virtual {
+			name += "/virtual-gpus"
+		}
+		b.Run(name, func(b *testing.B) {
 			pp := newPerPodNode(b, tc.pods)
-			e := newSimEnv(b, tc.profile, pp.options())
+			opts := pp.options()
+			opts.virtualGPUs = tc.virtual
+			e := newSimEnv(b, tc.profile, opts)
 			e.sample()
 			pp.place(b, e)
 			var buf bytes.Buffer

@@ -28,6 +28,9 @@ const (
 	LabelPod       = "pod"
 	LabelNamespace = "namespace"
 	LabelContainer = "container"
+	// LabelVGPU is the replica number of a shared device's ID on
+	// VirtualGPUs series, as dcgm-exporter names it.
+	LabelVGPU = "vgpu"
 	// PodInfoName is the attribution info metric.
 	PodInfoName = "gpu_plugin_pod_gpu_info"
 
@@ -56,7 +59,17 @@ type CollectorOptions struct {
 	// (--kubernetes-virtual-gpus). Off, the DCGM families keep one series
 	// per device, so sums over them stay right.
 	PerPodDCGM bool
-	Now        func() time.Time
+	// VirtualGPUs serves dcgm-exporter's --kubernetes-virtual-gpus shape:
+	// every DCGM series of a device containers hold is replaced by one
+	// copy per holding container and device ID, labelled pod, namespace,
+	// container and, for a replica ID "<uuid>::<n>", vgpu="<n>"; a device
+	// nobody holds keeps its own series. DCGM_FI_DEV_FB_USED and
+	// DCGM_FI_DEV_GPU_UTIL instead keep the device series (without pod
+	// labels) and, with per-pod accounting, add one series per container
+	// and replica with its own value, labelled pod_uid and vgpu too. It
+	// supersedes PerPodDCGM.
+	VirtualGPUs bool
+	Now         func() time.Time
 }
 
 // Collector serves the latest snapshot under dcgm-exporter's names, plus
@@ -100,6 +113,22 @@ type view struct {
 	info  []prometheus.Metric
 	// infoText is the whole gpu_plugin_pod_gpu_info family, rendered.
 	infoText []byte
+	// With VirtualGPUs: vrows are the series of each DCGM family but
+	// FB_USED and GPU_UTIL, in exposition order; baseLabels and baseText
+	// are each target's labels without pod labels (FB_USED's and
+	// GPU_UTIL's device series), baseOrder their exposition order.
+	vrows      []vrow
+	baseLabels [][]*dto.LabelPair
+	baseText   [][]byte
+	baseOrder  []int
+}
+
+// vrow is one VirtualGPUs series of a target: a holding container and
+// replica, or the target itself when nobody holds it.
+type vrow struct {
+	target int
+	labels []*dto.LabelPair
+	text   []byte
 }
 
 var (
@@ -195,6 +224,10 @@ func b2f(b bool) float64 {
 // allocation per scrape.
 func (c *Collector) collectFields(ch chan<- prometheus.Metric, snap *Snapshot, v *view, now time.Time) {
 	stale := c.opts.Sampler.StaleAfter()
+	if c.opts.VirtualGPUs {
+		c.collectVirtual(ch, snap, v, now)
+		return
+	}
 	n := 0
 	for i := range snap.Devices {
 		if snap.Devices[i].Servable(now, stale) {
@@ -226,14 +259,36 @@ func (c *Collector) collectFields(ch chan<- prometheus.Metric, snap *Snapshot, v
 		if !c.hasPodSeries(m.field) {
 			continue
 		}
-		for j := range snap.Usage.Pods {
-			p := &snap.Usage.Pods[j]
-			if !snap.Devices[p.Target].Servable(now, stale) {
-				continue
+		u.collectPodSeries(ch, m, now, stale)
+	}
+}
+
+// collectVirtual is collectFields' VirtualGPUs shape.
+func (c *Collector) collectVirtual(ch chan<- prometheus.Metric, snap *Snapshot, v *view, now time.Time) {
+	stale := c.opts.Sampler.StaleAfter()
+	u := c.usageViewFor(snap, v)
+	for k := range c.metrics {
+		m := &c.metrics[k]
+		if !isPerProcess(m.field) {
+			for r := range v.vrows {
+				row := &v.vrows[r]
+				if d := &snap.Devices[row.target]; d.Servable(now, stale) {
+					if x, ok := d.Get(m.field); ok {
+						ch <- &series{m: m, labels: row.labels, value: x}
+					}
+				}
 			}
-			if x, ok := podValue(m.field, p); ok {
-				ch <- &series{m: m, labels: u.dcgm[j], value: x}
+			continue
+		}
+		for i := range snap.Devices {
+			if d := &snap.Devices[i]; d.Servable(now, stale) {
+				if x, ok := d.Get(m.field); ok {
+					ch <- &series{m: m, labels: v.baseLabels[i], value: x}
+				}
 			}
+		}
+		if u != nil {
+			u.collectPodSeries(ch, m, now, stale)
 		}
 	}
 }
@@ -255,6 +310,10 @@ func (c *Collector) WriteText(buf *bytes.Buffer) {
 		var num [32]byte
 		for k := range c.metrics {
 			m := &c.metrics[k]
+			if c.opts.VirtualGPUs {
+				c.writeVirtual(buf, m, snap, v, u, servable)
+				continue
+			}
 			wrote := false
 			order := v.order
 			if u != nil && c.hasPodSeries(m.field) {
@@ -316,10 +375,55 @@ func (c *Collector) WriteText(buf *bytes.Buffer) {
 	}
 }
 
-// writePodSeries writes per-pod entry j of a DCGM family (FB_USED,
+// writeVirtual writes one DCGM family in the VirtualGPUs shape.
+func (c *Collector) writeVirtual(buf *bytes.Buffer, m *dcgmMetric, snap *Snapshot, v *view, u *usageView, servable []bool) {
+	wrote := false
+	var num [32]byte
+	line := func(text []byte, x float64) {
+		if !wrote {
+			buf.Write(m.header)
+			wrote = true
+		}
+		buf.WriteString(m.name)
+		buf.Write(text)
+		buf.WriteByte(' ')
+		buf.Write(appendFloat(num[:0], x))
+		buf.WriteByte('\n')
+	}
+	if !isPerProcess(m.field) {
+		for r := range v.vrows {
+			row := &v.vrows[r]
+			if !servable[row.target] {
+				continue
+			}
+			if x, has := snap.Devices[row.target].Get(m.field); has {
+				line(row.text, x)
+			}
+		}
+		return
+	}
+	order := v.baseOrder
+	if u != nil {
+		order = u.mixed
+	}
+	for _, i := range order {
+		if i < 0 {
+			c.writePodSeries(buf, m, snap, u, -i-1, servable, &wrote)
+			continue
+		}
+		if !servable[i] {
+			continue
+		}
+		if x, has := snap.Devices[i].Get(m.field); has {
+			line(v.baseText[i], x)
+		}
+	}
+}
+
+// writePodSeries writes per-pod row r of a DCGM family (FB_USED,
 // GPU_UTIL), if its device is servable and the value exists.
-func (c *Collector) writePodSeries(buf *bytes.Buffer, m *dcgmMetric, snap *Snapshot, u *usageView, j int, servable []bool, wrote *bool) {
-	p := &snap.Usage.Pods[j]
+func (c *Collector) writePodSeries(buf *bytes.Buffer, m *dcgmMetric, snap *Snapshot, u *usageView, r int, servable []bool, wrote *bool) {
+	p := &snap.Usage.Pods[u.dcgmEntry[r]]
 	if !servable[p.Target] {
 		return
 	}
@@ -333,7 +437,7 @@ func (c *Collector) writePodSeries(buf *bytes.Buffer, m *dcgmMetric, snap *Snaps
 	}
 	var num [32]byte
 	buf.WriteString(m.name)
-	buf.Write(u.dcgmText[j])
+	buf.Write(u.dcgmText[r])
 	buf.WriteByte(' ')
 	buf.Write(appendFloat(num[:0], x))
 	buf.WriteByte('\n')
@@ -394,6 +498,9 @@ func (c *Collector) viewFor(layout *Layout, pods *podresources.Snapshot) *view {
 func (c *Collector) buildView(layout *Layout, pods *podresources.Snapshot) *view {
 	n := len(layout.Targets)
 	v := &view{layout: layout, pods: pods, labels: make([][]*dto.LabelPair, n), base: make([]labelSet, n), text: make([][]byte, n), order: make([]int, n)}
+	if c.opts.VirtualGPUs {
+		v.baseLabels, v.baseText = make([][]*dto.LabelPair, n), make([][]byte, n)
+	}
 	driver := ""
 	if layout.Inventory != nil {
 		driver = layout.Inventory.DriverVersion
@@ -425,6 +532,11 @@ func (c *Collector) buildView(layout *Layout, pods *podresources.Snapshot) *view
 		}
 		v.base[i] = slices.Clone(lp)
 		holders := pods.Holders(t.Key)
+		if c.opts.VirtualGPUs {
+			v.baseLabels[i] = labelSet(slices.Clone(lp)).sorted()
+			v.baseText[i] = render(v.baseLabels[i])
+			v.addVirtualRows(i, holders)
+		}
 		// A device one container holds carries its pod, as dcgm-exporter
 		// labels it; a shared one carries none (its values belong to the
 		// device, not to any one pod) and is joined through
@@ -444,6 +556,10 @@ func (c *Collector) buildView(layout *Layout, pods *podresources.Snapshot) *view
 		}
 	}
 	slices.SortStableFunc(v.order, func(a, b int) int { return compareLabels(v.labels[a], v.labels[b]) })
+	if c.opts.VirtualGPUs {
+		slices.SortStableFunc(v.vrows, func(a, b vrow) int { return compareLabels(a.labels, b.labels) })
+		v.baseOrder = sortedBy(v.baseLabels)
+	}
 	if len(infos) > 0 {
 		slices.SortStableFunc(infos, compareLabels)
 		var b bytes.Buffer
@@ -456,6 +572,53 @@ func (c *Collector) buildView(layout *Layout, pods *podresources.Snapshot) *view
 		v.infoText = b.Bytes()
 	}
 	return v
+}
+
+// addVirtualRows adds target i's VirtualGPUs series: one per holding
+// container and device ID, as dcgm-exporter copies them (the vgpu label
+// only for a replica ID, pod_uid never: dcgm-exporter adds it only with
+// --kubernetes-enable-pod-uid, which this exporter does not have), or the
+// target's own labels when nobody holds it.
+func (v *view) addVirtualRows(i int, holders []podresources.Holder) {
+	if len(holders) == 0 {
+		v.vrows = append(v.vrows, vrow{target: i, labels: v.baseLabels[i], text: v.baseText[i]})
+		return
+	}
+	first := len(v.vrows)
+	for _, h := range holders {
+		for _, vgpu := range vgpusOf(h, nil) {
+			lp := slices.Clone(v.base[i])
+			lp.add(LabelPod, h.Pod)
+			lp.add(LabelNamespace, h.Namespace)
+			lp.add(LabelContainer, h.Container)
+			if vgpu != "" {
+				lp.add(LabelVGPU, vgpu)
+			}
+			text := render(lp.sorted())
+			// One container holding the device through two resources
+			// would repeat a series.
+			if slices.ContainsFunc(v.vrows[first:], func(r vrow) bool { return bytes.Equal(r.text, text) }) {
+				continue
+			}
+			v.vrows = append(v.vrows, vrow{target: i, labels: lp, text: text})
+		}
+	}
+}
+
+// vgpusOf appends the vgpu label values of h's device IDs to dst, each
+// once: the replica number, or "" (no label) for a whole device or a
+// holder without IDs.
+func vgpusOf(h podresources.Holder, dst []string) []string {
+	if len(h.DeviceIDs) == 0 && !slices.Contains(dst, "") {
+		return append(dst, "")
+	}
+	for _, id := range h.DeviceIDs {
+		n, _ := podresources.Replica(id)
+		if !slices.Contains(dst, n) {
+			dst = append(dst, n)
+		}
+	}
+	return dst
 }
 
 // compareLabels orders series as client_golang's registry does: fewer

@@ -443,15 +443,34 @@ func TestWriteTextMatchesRegistry(t *testing.T) {
 		// Per-pod series beside the device series of DCGM_FI_DEV_FB_USED
 		// and GPU_UTIL, sorted in with them.
 		{"per-pod accounting, time-sliced and MIG", "dgx-a100-mig", nil},
+		// dcgm-exporter's --kubernetes-virtual-gpus shape: copies per
+		// holder, and per-pod FB_USED and GPU_UTIL beside the device's.
+		{"virtual GPUs: per-pod accounting, time-sliced and MIG", "dgx-a100-mig", nil},
+		{"virtual GPUs: a lost GPU, replicas held", "dgx-h100", func(t *testing.T, e *simEnv) {
+			uuid := e.inv.GPUs[1].UUID
+			e.setPods(map[string][]podresources.Holder{
+				uuid: {
+					{Namespace: "a", Pod: "p1", Container: "c", Resource: "nvidia.com/gpu", DeviceIDs: []string{uuid + "::0", uuid + "::4"}},
+					{Namespace: "a", Pod: "p2", Container: "c", Resource: "nvidia.com/gpu", DeviceIDs: []string{uuid + "::1"}},
+				},
+				e.inv.GPUs[2].UUID: {{Namespace: "a", Pod: "p3", Container: "c", Resource: "nvidia.com/gpu", DeviceIDs: []string{e.inv.GPUs[2].UUID}}},
+			})
+			e.clk.Advance(time.Second)
+			e.sample()
+			if err := e.node.SetLost(2, true); err != nil {
+				t.Fatal(err)
+			}
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var pp *perPodNode
 			opts := envOptions{}
-			if strings.HasPrefix(tc.name, "per-pod") {
+			if strings.HasPrefix(tc.name, "per-pod") || strings.HasPrefix(tc.name, "virtual GPUs: per-pod") {
 				pp = newPerPodNode(t, 30)
 				opts = pp.options()
 				opts.perPodDCGM = true
 			}
+			opts.virtualGPUs = strings.HasPrefix(tc.name, "virtual GPUs")
 			e := newSimEnv(t, tc.profile, opts)
 			e.sample()
 			if pp != nil {

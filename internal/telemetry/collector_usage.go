@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"slices"
 	"strconv"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/gpu-plugin/gpu-plugin/internal/podresources"
 )
 
 // Per-pod accounting families (--per-pod-usage), in base units.
@@ -63,13 +66,20 @@ var (
 type usageView struct {
 	snap *Snapshot
 	v    *view
-	// Per Usage.Pods entry: the gpu_plugin_pod_* labels, and with
-	// PerPodDCGM the DCGM labels (the device's, without single-holder pod
-	// labels, plus the pod's), each with its rendering.
-	own, dcgm         [][]*dto.LabelPair
-	ownText, dcgmText [][]byte
-	un                [][]*dto.LabelPair // per Usage.Unattributed entry
-	unText            [][]byte
+	// Per Usage.Pods entry: the gpu_plugin_pod_* labels, with their
+	// rendering.
+	own     [][]*dto.LabelPair
+	ownText [][]byte
+	// With PerPodDCGM or VirtualGPUs, the per-pod DCGM series: the
+	// device's labels without single-holder pod labels, plus the pod's
+	// (and with VirtualGPUs its replica's vgpu), each with its rendering
+	// and its Usage.Pods entry. PerPodDCGM has one per entry; VirtualGPUs
+	// one per entry and replica the container holds.
+	dcgm      [][]*dto.LabelPair
+	dcgmText  [][]byte
+	dcgmEntry []int
+	un        [][]*dto.LabelPair // per Usage.Unattributed entry
+	unText    [][]byte
 	// ownOrder and unOrder are the entries in exposition order.
 	ownOrder, unOrder []int
 	// dev and devText are each target's join labels, for the per-device
@@ -80,7 +90,7 @@ type usageView struct {
 	devOrder []int
 	// mixed orders a DCGM family's device series and per-pod series
 	// together, as a registry sorts them: >= 0 a device index, < 0 the
-	// per-pod entry -k-1.
+	// per-pod DCGM row -r-1.
 	mixed []int
 }
 
@@ -154,16 +164,26 @@ func (c *Collector) buildUsageView(snap *Snapshot, v *view, prev *usageView) *us
 		c.addUnitLabels(&own, t)
 		u.own = append(u.own, own.sorted())
 		u.ownText = append(u.ownText, render(own))
-		if !c.opts.PerPodDCGM {
+		if !c.perPodDCGM() {
 			continue
 		}
-		dcgm := slices.Clone(v.base[p.Target])
-		dcgm.add(LabelNamespace, p.Namespace)
-		dcgm.add(LabelPod, p.Pod)
-		dcgm.add(LabelPodUID, p.PodUID)
-		dcgm.add(LabelContainer, p.Container)
-		u.dcgm = append(u.dcgm, dcgm.sorted())
-		u.dcgmText = append(u.dcgmText, render(dcgm))
+		vgpus := []string{""}
+		if c.opts.VirtualGPUs {
+			vgpus = podVGPUs(v.pods.Holders(t.Key), p)
+		}
+		for _, vgpu := range vgpus {
+			dcgm := slices.Clone(v.base[p.Target])
+			dcgm.add(LabelNamespace, p.Namespace)
+			dcgm.add(LabelPod, p.Pod)
+			dcgm.add(LabelPodUID, p.PodUID)
+			dcgm.add(LabelContainer, p.Container)
+			if vgpu != "" {
+				dcgm.add(LabelVGPU, vgpu)
+			}
+			u.dcgm = append(u.dcgm, dcgm.sorted())
+			u.dcgmText = append(u.dcgmText, render(dcgm))
+			u.dcgmEntry = append(u.dcgmEntry, k)
+		}
 	}
 	for k := range use.Unattributed {
 		var lp labelSet
@@ -172,17 +192,23 @@ func (c *Collector) buildUsageView(snap *Snapshot, v *view, prev *usageView) *us
 		u.unText = append(u.unText, render(lp))
 	}
 	u.ownOrder, u.unOrder = sortedBy(u.own), sortedBy(u.un)
-	if !c.opts.PerPodDCGM {
+	if !c.perPodDCGM() {
 		return u
 	}
-	u.mixed = make([]int, 0, len(v.order)+len(use.Pods))
-	u.mixed = append(u.mixed, v.order...)
-	for k := range use.Pods {
-		u.mixed = append(u.mixed, -k-1)
+	// The device series: with VirtualGPUs without pod labels, as
+	// dcgm-exporter keeps them beside the per-pod ones.
+	devOrder, devLabels := v.order, v.labels
+	if c.opts.VirtualGPUs {
+		devOrder, devLabels = v.baseOrder, v.baseLabels
+	}
+	u.mixed = make([]int, 0, len(devOrder)+len(u.dcgm))
+	u.mixed = append(u.mixed, devOrder...)
+	for r := range u.dcgm {
+		u.mixed = append(u.mixed, -r-1)
 	}
 	labels := func(i int) []*dto.LabelPair {
 		if i >= 0 {
-			return v.labels[i]
+			return devLabels[i]
 		}
 		return u.dcgm[-i-1]
 	}
@@ -219,7 +245,53 @@ func podValue(f Field, p *PodUsage) (float64, bool) {
 
 // hasPodSeries reports whether a DCGM field gets per-pod series.
 func (c *Collector) hasPodSeries(f Field) bool {
-	return c.opts.PerPodDCGM && (f == FBUsed || f == GPUUtil)
+	return c.perPodDCGM() && isPerProcess(f)
+}
+
+// perPodDCGM reports whether FB_USED and GPU_UTIL get per-pod series.
+func (c *Collector) perPodDCGM() bool { return c.opts.PerPodDCGM || c.opts.VirtualGPUs }
+
+// isPerProcess reports whether per-pod accounting gives a DCGM field a
+// per-pod value (dcgm-exporter's isPerProcessMetric: FB_USED and
+// GPU_UTIL).
+func isPerProcess(f Field) bool { return f == FBUsed || f == GPUUtil }
+
+// podVGPUs are the vgpu label values of a per-pod entry's series: the
+// replicas its container holds of the device, or, for a process in
+// another container of a pod holding it, the pod's; "" (no label) for a
+// whole device.
+func podVGPUs(holders []podresources.Holder, p *PodUsage) []string {
+	var out []string
+	for _, h := range holders {
+		if h.Namespace == p.Namespace && h.Pod == p.Pod && h.Container == p.Container {
+			out = vgpusOf(h, out)
+		}
+	}
+	if out != nil {
+		return out
+	}
+	for _, h := range holders {
+		if h.Namespace == p.Namespace && h.Pod == p.Pod {
+			out = vgpusOf(h, out)
+		}
+	}
+	if out == nil {
+		return []string{""}
+	}
+	return out
+}
+
+// collectPodSeries sends a DCGM family's per-pod series to a registry.
+func (u *usageView) collectPodSeries(ch chan<- prometheus.Metric, m *dcgmMetric, now time.Time, stale time.Duration) {
+	for r, j := range u.dcgmEntry {
+		p := &u.snap.Usage.Pods[j]
+		if !u.snap.Devices[p.Target].Servable(now, stale) {
+			continue
+		}
+		if x, ok := podValue(m.field, p); ok {
+			ch <- &series{m: m, labels: u.dcgm[r], value: x}
+		}
+	}
 }
 
 // writeUnattributed and writePods append the gpu_plugin_gpu_unattributed_*

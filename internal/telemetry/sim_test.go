@@ -40,8 +40,9 @@ type envOptions struct {
 	before func(*simEnv)
 	// attributor, if set, turns on per-pod accounting with what it
 	// returns for the environment.
-	attributor func(*simEnv) telemetry.Attributor
-	perPodDCGM bool // the collector's PerPodDCGM
+	attributor  func(*simEnv) telemetry.Attributor
+	perPodDCGM  bool // the collector's PerPodDCGM
+	virtualGPUs bool // and VirtualGPUs
 }
 
 func newSimEnv(t testing.TB, profile string, o envOptions) *simEnv {
@@ -79,7 +80,7 @@ func newSimEnv(t testing.TB, profile string, o envOptions) *simEnv {
 		OnDeviceError: o.onDeviceError,
 	})
 	e.pods.Store(&podresources.Snapshot{ByUnit: map[string][]podresources.Holder{}})
-	opts := telemetry.CollectorOptions{Sampler: e.sampler, Hostname: "node-1", Now: e.clk.Now, PerPodDCGM: o.perPodDCGM}
+	opts := telemetry.CollectorOptions{Sampler: e.sampler, Hostname: "node-1", Now: e.clk.Now, PerPodDCGM: o.perPodDCGM, VirtualGPUs: o.virtualGPUs}
 	if !o.noPods {
 		opts.Pods = func() *podresources.Snapshot { return e.pods.Load() }
 	}

@@ -173,12 +173,12 @@ config:
 		},
 		{
 			name:   "per-pod usage",
-			values: "perPodUsage: {enabled: true, dcgmSeries: true}",
+			values: "perPodUsage: {enabled: true, dcgmSeries: true, virtualGPUs: true}",
 			policy: policy{apiAccess: true, hostPID: true},
 			kinds:  []string{"ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Service", "DaemonSet"},
 			check: func(t *testing.T, _ *Rendered, objs []Object, ds *appsv1.DaemonSet) {
 				c := ds.Spec.Template.Spec.Containers[0]
-				for _, name := range []string{"GPU_PLUGIN_PER_POD_USAGE", "GPU_PLUGIN_PER_POD_DCGM_SERIES"} {
+				for _, name := range []string{"GPU_PLUGIN_PER_POD_USAGE", "GPU_PLUGIN_PER_POD_DCGM_SERIES", "GPU_PLUGIN_KUBERNETES_VIRTUAL_GPUS"} {
 					if v, _ := env(c, name); v != "true" {
 						t.Errorf("%s=%q, want true", name, v)
 					}
@@ -498,6 +498,7 @@ func TestChartRejectsContradictoryValues(t *testing.T) {
 		{"two web configs", "webConfig: {config: \"x: 1\", existingSecret: s}", "webConfig.existingSecret"},
 		{"node health taint without the condition", "nodeHealth: {taint: true}", "nodeHealth.condition"},
 		{"per-pod DCGM series without per-pod accounting", "perPodUsage: {dcgmSeries: true}", "perPodUsage.enabled"},
+		{"virtual GPUs without per-pod accounting", "perPodUsage: {virtualGPUs: true}", "perPodUsage.virtualGPUs needs perPodUsage.enabled"},
 		{"per-node configs with an existing ConfigMap", "config: {existingConfigMap: x, map: {a: \"version: v1\"}}", "config.existingConfigMap"},
 		{"per-node configs with sharing", "config: {map: {a: \"version: v1\"}}\nsharing: {timeSlicing: {resources: [{name: nvidia.com/gpu, replicas: 2}]}}", "sharing"},
 		{"a default that is not in the map", "config: {map: {a: \"version: v1\"}, default: b}", "config.default"},

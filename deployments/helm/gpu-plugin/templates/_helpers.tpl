@@ -176,6 +176,9 @@ httpGet:
 {{- if and .Values.perPodUsage.dcgmSeries (not .Values.perPodUsage.enabled) }}
 {{- fail "perPodUsage.dcgmSeries needs perPodUsage.enabled=true: the per-pod series come from per-pod accounting" }}
 {{- end }}
+{{- if and .Values.perPodUsage.virtualGPUs (not .Values.perPodUsage.enabled) }}
+{{- fail "perPodUsage.virtualGPUs needs perPodUsage.enabled=true: the per-pod FB_USED and GPU_UTIL values come from per-pod accounting" }}
+{{- end }}
 {{- if and .Values.nodeHealth.taint (not .Values.nodeHealth.condition) }}
 {{- fail "nodeHealth.taint needs nodeHealth.condition=true: the taint is written with the condition, under the same permissions" }}
 {{- end }}
