@@ -76,9 +76,6 @@ func (d *Daemon) driverRootEnv() []string {
 // MPS server the daemon starts and its clients (which get <root>/shm as
 // their /dev/shm) must share memory.
 func (d *Daemon) prepareMPS(s mps.Spec) error {
-	if d.mps == nil {
-		return errors.New("no MPS manager")
-	}
 	bin := d.mpsBinary()
 	if bin == "" {
 		return errors.New("a simulated node has no nvidia-cuda-mps-control: build the test fake (go build -o /tmp/nvidia-cuda-mps-control ./internal/testkit/fakempscontrol) and pass --mps-control-binary=/tmp/nvidia-cuda-mps-control")
