@@ -38,6 +38,11 @@ type Env struct {
 	// --pass-device-specs are there. Empty on a real node.
 	SimulatedDriverRoot string
 	Logger              *slog.Logger
+	// DRAHeld and PluginHeld report whether a GPU or MIG device (by UUID)
+	// is in use through DRA (a prepared claim) or through the device
+	// plugin (a pod's allocation); nil: nothing is. They keep a device in
+	// use where it is when the allocation mode changes (splitForDRA).
+	DRAHeld, PluginHeld func(uuid string) bool
 }
 
 // Advertisement is what the node publishes for one inventory and config.
@@ -51,6 +56,12 @@ type Advertisement struct {
 	CDISpecs []*specs.Spec
 	// Labels are the node labels; nil when --node-labels is off.
 	Labels labels.Labels
+	// DRA are the GPUs (UUID; whole GPUs) and MIG devices (UUID) offered
+	// through DRA, in inventory order; Resources hold none of them.
+	DRA []string
+	// Draining are devices moving between the device plugin and DRA that
+	// are still in use through the API they leave: offered by neither.
+	Draining []string
 }
 
 // Build computes the advertisement. An inventory of nil (NVML unavailable)
@@ -62,12 +73,16 @@ func Build(inv *nvml.Inventory, cfg *config.Config, env Env) (*Advertisement, er
 	if inv == nil {
 		return a, nil
 	}
-	p, err := sharing.NewPlan(inv, sharing.OptionsFrom(cfg))
+	pluginInv := inv
+	if cfg.UsesDRA() {
+		a.DRA, a.Draining, pluginInv, a.Warnings = splitForDRA(inv, cfg, env)
+	}
+	p, err := sharing.NewPlan(pluginInv, sharing.OptionsFrom(cfg))
 	if err != nil {
 		return nil, err
 	}
-	a.Resources, a.Warnings = p.Resources, p.Warnings
-	if cfg.UsesCDI() {
+	a.Resources, a.Warnings = p.Resources, append(a.Warnings, p.Warnings...)
+	if cfg.UsesCDI() || cfg.UsesDRA() {
 		if a.CDISpecs, err = cdi.Generate(inv, CDIOptions(cfg, env)); err != nil {
 			return nil, fmt.Errorf("generating the CDI spec: %w", err)
 		}
@@ -215,13 +230,14 @@ type Diff struct {
 	Respond                 bool // how Allocate answers
 	CDI                     bool // the CDI specs' content
 	Labels                  bool // the node labels
+	DRA                     bool // the devices offered through DRA
 }
 
 // Resources reports whether any resource was added, removed or changed.
 func (d Diff) Resources() bool { return len(d.Added)+len(d.Removed)+len(d.Changed) > 0 }
 
 // Empty reports whether nothing changed.
-func (d Diff) Empty() bool { return !d.Resources() && !d.Respond && !d.CDI && !d.Labels }
+func (d Diff) Empty() bool { return !d.Resources() && !d.Respond && !d.CDI && !d.Labels && !d.DRA }
 
 // Compare says what changed from old to next; a nil old is an empty
 // advertisement.
@@ -248,6 +264,7 @@ func Compare(old, next *Advertisement) Diff {
 	d.Respond = !reflect.DeepEqual(old.Respond, next.Respond)
 	d.CDI = !sameSpecs(old.CDISpecs, next.CDISpecs)
 	d.Labels = !labels.Equal(old.Labels, next.Labels) // a new timestamp alone is no change
+	d.DRA = !slices.Equal(old.DRA, next.DRA) || !slices.Equal(old.Draining, next.Draining)
 	return d
 }
 

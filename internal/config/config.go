@@ -33,6 +33,8 @@ type Config struct {
 	IMEX      IMEX       `json:"imex,omitempty"`
 	// Health is this daemon's extension (health_options.go).
 	Health Health `json:"health,omitempty"`
+	// DRA is this daemon's extension (dra_options.go).
+	DRA DRA `json:"dra,omitempty"`
 	// Extensions holds this daemon's other file-only extensions (compat.go).
 	Extensions Extensions `json:"extensions,omitempty"`
 
@@ -191,6 +193,10 @@ type Daemon struct {
 	MPSControlBinary string `json:"mpsControlBinary,omitempty"`
 	// WatchConfig reloads the config file when it changes.
 	WatchConfig bool `json:"watchConfig"`
+	// KubeletRegistrarDir and KubeletPluginsDir are where the DRA plugin
+	// registers and serves (dra_options.go).
+	KubeletRegistrarDir string `json:"kubeletRegistrarDir,omitempty"`
+	KubeletPluginsDir   string `json:"kubeletPluginsDir,omitempty"`
 }
 
 // Device list strategies.

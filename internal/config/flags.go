@@ -42,13 +42,14 @@ const (
 	GroupSharing   = "Sharing, reload and node labels"
 	GroupHealth    = "Health checking"
 	GroupTelemetry = "Telemetry (dcgm-exporter compatible metrics)"
+	GroupDRA       = "Dynamic Resource Allocation (as NVIDIA's DRA driver, gpu.nvidia.com)"
 )
 
 // Options is the table of every setting, in --help order. Each capability
 // keeps its options in its own file.
 func Options() []Option {
 	var all []Option
-	for _, group := range [][]Option{daemonOptions(), nvidiaOptions(), sharingOptions(), healthOptions(), telemetryOptions()} {
+	for _, group := range [][]Option{daemonOptions(), nvidiaOptions(), sharingOptions(), healthOptions(), telemetryOptions(), draOptions()} {
 		all = append(all, group...)
 	}
 	return all
@@ -87,7 +88,7 @@ func daemonOptions() []Option {
 			Usage: "the daemon pod's name: --use-node-feature-api makes its DaemonSet the NodeFeature's owner, so uninstalling removes it (the chart sets it)",
 			set:   func(c *Config, v string) error { c.Daemon.PodName = v; return nil }},
 		{Name: "kubeconfig", Env: []string{"KUBECONFIG"}, Group: GroupDaemon,
-			Usage: "kubeconfig file for the API server, used only by the opt-in features that read or write API objects (--node-health-condition, --config-dir, --use-node-feature-api, --per-pod-usage); empty: the pod's service account (in-cluster)",
+			Usage: "kubeconfig file for the API server, used only by the opt-in features that read or write API objects (--node-health-condition, --config-dir, --use-node-feature-api, --per-pod-usage, --allocation-mode dra or split); empty: the pod's service account (in-cluster)",
 			set:   func(c *Config, v string) error { c.Daemon.Kubeconfig = v; return nil }},
 		{Name: "metrics-address", Env: []string{"GPU_PLUGIN_METRICS_ADDRESS"}, Default: ":9400", Group: GroupDaemon,
 			Usage: "listen address for /metrics, /healthz and /readyz (and /sim with --simulate); empty disables",
@@ -413,6 +414,9 @@ func (c *Config) validateOptions(opts []Option) error {
 	if c.Telemetry.PerPodUsage && c.Telemetry.PodResourcesSocket == "" {
 		return fmt.Errorf("per-pod-usage: needs the kubelet's pod-resources socket (--pod-resources-socket, GPU_PLUGIN_POD_RESOURCES_SOCKET) to know which pods were allocated each GPU; it is empty")
 	}
+	if err := checkDRA(c); err != nil {
+		return err
+	}
 	if c.Health.NodeTaint && !c.Health.NodeCondition {
 		return fmt.Errorf("node-health-taint: needs --node-health-condition (GPU_PLUGIN_NODE_HEALTH_CONDITION=true): the taint is written with the condition, under the same permissions")
 	}
@@ -442,7 +446,7 @@ Every flag can also be set through the environment variable(s) listed with it.
 Precedence: flag > environment > config file > default.
 `, name)
 	opts := Options()
-	for _, group := range []string{GroupDaemon, GroupNVIDIA, GroupSharing, GroupHealth, GroupTelemetry} {
+	for _, group := range []string{GroupDaemon, GroupNVIDIA, GroupSharing, GroupHealth, GroupTelemetry, GroupDRA} {
 		header := false
 		for _, o := range opts {
 			if o.Group != group {

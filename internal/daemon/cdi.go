@@ -24,7 +24,7 @@ import (
 // without a driver root, unless a cdi-* strategy needs one.
 func (d *Daemon) layOutSimulatedDriverRoot(inv *nvml.Inventory) error {
 	dir, err := os.MkdirTemp("", "gpu-plugin-simulated-driver-root-")
-	if err != nil && !d.cfg.UsesCDI() {
+	if err != nil && !d.needsCDISpec() {
 		d.log.Debug("no simulated driver root: no writable temporary directory", "err", err)
 		return nil
 	}
@@ -37,7 +37,7 @@ func (d *Daemon) layOutSimulatedDriverRoot(inv *nvml.Inventory) error {
 	}
 	if err := driverroot.Create(dir, inv, minors); err != nil {
 		os.RemoveAll(dir)
-		if errors.Is(err, driverroot.ErrNoMknod) && !d.cfg.UsesCDI() {
+		if errors.Is(err, driverroot.ErrNoMknod) && !d.needsCDISpec() {
 			d.log.Debug("no simulated driver root: device nodes cannot be created here", "err", err)
 			return nil
 		}
@@ -57,7 +57,7 @@ func (d *Daemon) SimDriverRoot() string { return d.simRoot }
 
 // buildAdvertisement computes what the node publishes for inv under cfg.
 func (d *Daemon) buildAdvertisement(inv *nvml.Inventory, cfg *config.Config) (*advert.Advertisement, error) {
-	return advert.Build(inv, cfg, advert.Env{SimulatedDriverRoot: d.simRoot, Logger: d.log.With("component", "cdi")})
+	return advert.Build(inv, cfg, d.draEnv(advert.Env{SimulatedDriverRoot: d.simRoot, Logger: d.log.With("component", "cdi")}))
 }
 
 // writeCDISpecs is the one writer of CDI specs: at start, and when a reload

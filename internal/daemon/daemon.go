@@ -19,6 +19,7 @@ import (
 
 	"github.com/gpu-plugin/gpu-plugin/internal/advert"
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
+	"github.com/gpu-plugin/gpu-plugin/internal/dra"
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
 	"github.com/gpu-plugin/gpu-plugin/internal/kube"
 	"github.com/gpu-plugin/gpu-plugin/internal/mps"
@@ -48,6 +49,7 @@ type Daemon struct {
 	quarantineWarnings []string
 	plugins            *plugin.Manager
 	mps                *mps.Manager // MPS control daemons for sharing.mps (mps.go)
+	dra                *dra.Driver  // the DRA kubelet plugin; nil unless the allocation mode uses DRA (dra.go)
 	http               *httpServer
 	rl                 *reloader             // live config reloads, GPU re-scans, node labels (reload.go)
 	simRoot            string                // a simulated node's laid-out driver root (cdi.go)
@@ -128,6 +130,10 @@ func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 			}
 		}
 	}
+	if err := d.newDRA(); err != nil {
+		d.Close()
+		return nil, err
+	}
 	if d.adv, err = d.buildAdvertisement(d.inv.Load(), cfg); err != nil {
 		d.Close()
 		return nil, err
@@ -141,6 +147,7 @@ func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 	}
 	d.newMPS()
 	d.applyMPS(cfg, d.adv)
+	d.offerDRA(d.adv)
 	if err := d.newHealthMonitor(); err != nil {
 		d.Close()
 		return nil, err
@@ -310,6 +317,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	if d.lib != nil {
 		run("MPS control daemons", d.mps.Run)
+	}
+	if d.dra != nil {
+		run("DRA plugin", d.dra.Run)
 	}
 	if d.nodeHealth != nil {
 		run("node health publisher", d.nodeHealth.Run)

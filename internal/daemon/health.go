@@ -3,8 +3,6 @@ package daemon
 import (
 	"fmt"
 	"slices"
-	"strconv"
-	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -114,26 +112,7 @@ func (d *Daemon) applyQuarantine(cfg *config.Config, inv *nvml.Inventory) {
 // matches none.
 func resolveQuarantine(inv *nvml.Inventory, entries []string) (units, warnings []string) {
 	for _, e := range entries {
-		unit, why := "", "matches no GPU or MIG device on this node"
-		if n, err := strconv.Atoi(e); err == nil {
-			why = fmt.Sprintf("matches no GPU index on this node (%d GPUs)", len(inv.GPUs))
-			for _, g := range inv.GPUs {
-				if g.Index == n {
-					unit, why = g.UUID, "names a GPU that could not be identified (no UUID)"
-				}
-			}
-		} else {
-			for _, g := range inv.GPUs {
-				if g.UUID != "" && strings.EqualFold(g.UUID, e) {
-					unit = g.UUID
-				}
-				for _, m := range g.MIGDevices {
-					if m.UUID != "" && strings.EqualFold(m.UUID, e) {
-						unit = m.UUID
-					}
-				}
-			}
-		}
+		unit, why := inv.ResolveDevice(e)
 		if unit == "" {
 			warnings = append(warnings, fmt.Sprintf("health.quarantine / --health-quarantine entry %q %s; nothing quarantined for it", e, why))
 			continue

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/prometheus/exporter-toolkit/web"
 
+	"github.com/gpu-plugin/gpu-plugin/internal/dra"
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
 	"github.com/gpu-plugin/gpu-plugin/internal/mps"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
@@ -165,6 +166,9 @@ type DebugDevices struct {
 	HealthMonitor *health.MonitorStatus `json:"healthMonitor,omitempty"`
 	// MPS are the MPS control daemons (sharing.mps), by resource.
 	MPS []mps.Status `json:"mps,omitempty"`
+	// DRA is the DRA kubelet plugin: registration, the slice, the offered
+	// devices and the prepared claims (--allocation-mode dra or split).
+	DRA *dra.Status `json:"dra,omitempty"`
 }
 
 func (h *httpServer) debugDevices(w http.ResponseWriter, _ *http.Request) {
@@ -181,6 +185,10 @@ func (h *httpServer) debugDevices(w http.ResponseWriter, _ *http.Request) {
 	doc.HealthMonitor = h.d.healthMonitorStatus()
 	if h.d.mps != nil {
 		doc.MPS = h.d.mps.Statuses()
+	}
+	if h.d.dra != nil {
+		st := h.d.dra.Status()
+		doc.DRA = &st
 	}
 	w.Header().Set("Content-Type", "application/json")
 	enc := json.NewEncoder(w)

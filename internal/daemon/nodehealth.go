@@ -35,6 +35,8 @@ func (d *Daemon) newKubeClient() error {
 		needs = "--use-node-feature-api"
 	case d.cfg.Telemetry.PerPodUsage && d.cfg.Telemetry.Backend != config.TelemetryNone:
 		needs = "--per-pod-usage"
+	case d.cfg.UsesDRA():
+		needs = "--allocation-mode=" + d.cfg.AllocationMode()
 	default:
 		return nil
 	}

@@ -130,6 +130,7 @@ func (r *reloader) publish(next *advert.Advertisement, cfg *config.Config) adver
 		}
 	}
 	r.d.applyMPS(cfg, next)
+	r.d.offerDRA(next)
 	if diff.Resources() || diff.Respond {
 		r.d.plugins.Update(r.d.advertised(next.Resources), next.Respond)
 	}
@@ -193,6 +194,16 @@ func (r *reloader) run(ctx context.Context, adv *advert.Advertisement) error {
 		monitorRescan = r.d.monitor.Rescan()
 	}
 	mpsChanged := r.d.mps.Changed()
+	var draReleased <-chan struct{}
+	var drainTick <-chan time.Time
+	if r.d.dra != nil {
+		draReleased = r.d.dra.Released()
+		// Devices moving from the device plugin to DRA wait for their
+		// pods to end, which pod-resources tells within its interval.
+		t := time.NewTicker(drainCheckInterval)
+		defer t.Stop()
+		drainTick = t.C
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -233,6 +244,15 @@ func (r *reloader) run(ctx context.Context, adv *advert.Advertisement) error {
 			// A daemon ready for the first time: offer its resource.
 			// The manager re-sends only what changed.
 			r.d.plugins.Update(r.d.advertised(r.adv.Resources), r.adv.Respond)
+		case <-draReleased:
+			// A claim was released: a device it held that the mode
+			// gives to the device plugin can go there now.
+			draReleased = r.d.dra.Released()
+			r.rebuild("a DRA claim was released")
+		case <-drainTick:
+			if len(r.adv.Draining) > 0 {
+				r.rebuild("devices moving between the device plugin and DRA")
+			}
 		case l := <-r.labels:
 			r.lastLabel = &l
 			r.selectConfig(l)

@@ -45,6 +45,7 @@ func (t *Time) UnmarshalJSON(b []byte) error {
 // ObjectMeta is an object's metadata.
 type ObjectMeta struct {
 	Name              string            `json:"name,omitempty"`
+	GenerateName      string            `json:"generateName,omitempty"`
 	Namespace         string            `json:"namespace,omitempty"`
 	UID               string            `json:"uid,omitempty"`
 	ResourceVersion   string            `json:"resourceVersion,omitempty"`

@@ -99,6 +99,35 @@ func (inv *Inventory) GPUByUUID(uuid string) (*GPU, bool) {
 	return nil, false
 }
 
+// ResolveDevice finds the GPU or MIG device an operator named: a GPU
+// index, a GPU UUID or a MIG device UUID (case-insensitive). It returns
+// the UUID, or "" and why nothing matched.
+func (inv *Inventory) ResolveDevice(entry string) (uuid, why string) {
+	if n, err := strconv.Atoi(entry); err == nil {
+		why = fmt.Sprintf("matches no GPU index on this node (%d GPUs)", len(inv.GPUs))
+		for _, g := range inv.GPUs {
+			if g.Index == n {
+				if g.UUID == "" {
+					return "", "names a GPU that could not be identified (no UUID)"
+				}
+				return g.UUID, ""
+			}
+		}
+		return "", why
+	}
+	for _, g := range inv.GPUs {
+		if g.UUID != "" && strings.EqualFold(g.UUID, entry) {
+			return g.UUID, ""
+		}
+		for _, m := range g.MIGDevices {
+			if m.UUID != "" && strings.EqualFold(m.UUID, entry) {
+				return m.UUID, ""
+			}
+		}
+	}
+	return "", "matches no GPU or MIG device on this node"
+}
+
 // ScanOptions tune Scan.
 type ScanOptions struct {
 	// SysRoot is where sysfs is mounted ("/sys"); it supplies NUMA nodes when

@@ -1,0 +1,154 @@
+package dra
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/gpu-plugin/gpu-plugin/internal/kube"
+	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
+)
+
+// device is one GPU or MIG device offered through DRA.
+type device struct {
+	name string // the device's name in the ResourceSlice
+	uuid string // the GPU's or MIG device's UUID
+	// units are the health units whose health is the device's: the GPU,
+	// and for a MIG device its parent too.
+	units []string
+	slice kube.SliceDevice // without taints
+}
+
+// Standard attribute names (k8s.io/dynamic-resource-allocation/deviceattribute).
+const (
+	attrPCIBusID = "resource.kubernetes.io/pciBusID"
+	attrNUMANode = "resource.kubernetes.io/numaNode"
+)
+
+// describe builds the devices for the units offered through DRA, in
+// inventory order, named and described as NVIDIA's DRA driver does: whole
+// GPUs "gpu-<minor>" with type "gpu", MIG devices
+// "gpu-<parent minor>-mig-<profile>-<GPU instance>-<compute instance>"
+// with type "mig", so DeviceClass selectors and claim CEL written for it
+// select the same devices here.
+func describe(inv *nvml.Inventory, units []string) []device {
+	offered := make(map[string]bool, len(units))
+	for _, u := range units {
+		offered[u] = true
+	}
+	var out []device
+	for i := range inv.GPUs {
+		g := &inv.GPUs[i]
+		if !g.Usable() {
+			continue
+		}
+		if offered[g.UUID] && !g.MIGEnabled {
+			out = append(out, device{name: fmt.Sprintf("gpu-%d", g.Minor), uuid: g.UUID, units: []string{g.UUID}, slice: gpuDevice(inv, g)})
+		}
+		for j := range g.MIGDevices {
+			m := &g.MIGDevices[j]
+			if !g.MIGEnabled || !offered[m.UUID] {
+				continue
+			}
+			name := fmt.Sprintf("gpu-%d-mig-%s-%d-%d", g.Minor, profileName(m.Profile), m.GPUInstanceID, m.ComputeInstanceID)
+			out = append(out, device{name: name, uuid: m.UUID, units: []string{g.UUID, m.UUID}, slice: migDevice(inv, g, m, name)})
+		}
+	}
+	return out
+}
+
+// profileName makes a MIG profile ("1g.10gb+me") part of a device name
+// (lower case letters, digits and dashes: "1g10gb-me").
+func profileName(p string) string {
+	var b strings.Builder
+	for _, r := range strings.ToLower(p) {
+		switch {
+		case r >= 'a' && r <= 'z', r >= '0' && r <= '9':
+			b.WriteRune(r)
+		case r == '+' || r == '-' || r == '_':
+			b.WriteByte('-')
+		}
+	}
+	return strings.Trim(b.String(), "-")
+}
+
+// common are the attributes a MIG device shares with its parent GPU.
+func common(inv *nvml.Inventory, g *nvml.GPU) map[string]kube.DeviceAttribute {
+	a := map[string]kube.DeviceAttribute{
+		"productName":           kube.StringAttribute(g.Name),
+		"cudaComputeCapability": kube.VersionAttribute(semver(g.ComputeCapability.String())),
+		"driverVersion":         kube.VersionAttribute(semver(inv.DriverVersion)),
+		"cudaDriverVersion":     kube.VersionAttribute(semver(inv.CUDADriverVersion)),
+	}
+	if g.Architecture != "" {
+		// NVIDIA's driver writes the architecture capitalized ("Hopper").
+		a["architecture"] = kube.StringAttribute(strings.ToUpper(g.Architecture[:1]) + g.Architecture[1:])
+	}
+	if g.PCIBusID != "" {
+		a[attrPCIBusID] = kube.StringAttribute(pciBusID(g.PCIBusID))
+	}
+	if g.NUMANode >= 0 {
+		a[attrNUMANode] = kube.IntAttribute(int64(g.NUMANode))
+	}
+	return a
+}
+
+func gpuDevice(inv *nvml.Inventory, g *nvml.GPU) kube.SliceDevice {
+	a := common(inv, g)
+	a["type"] = kube.StringAttribute("gpu")
+	a["uuid"] = kube.StringAttribute(g.UUID)
+	a["index"] = kube.IntAttribute(int64(g.Index))
+	a["minor"] = kube.IntAttribute(int64(g.Minor))
+	return kube.SliceDevice{
+		Name:       fmt.Sprintf("gpu-%d", g.Minor),
+		Attributes: a,
+		Capacity:   map[string]kube.DeviceCapacity{"memory": {Value: strconv.FormatUint(g.MemoryBytes, 10)}},
+	}
+}
+
+func migDevice(inv *nvml.Inventory, g *nvml.GPU, m *nvml.MIGDevice, name string) kube.SliceDevice {
+	a := common(inv, g)
+	a["type"] = kube.StringAttribute("mig")
+	a["uuid"] = kube.StringAttribute(m.UUID)
+	a["parentUUID"] = kube.StringAttribute(g.UUID)
+	a["parentIndex"] = kube.IntAttribute(int64(g.Index))
+	a["profile"] = kube.StringAttribute(m.Profile)
+	capacity := map[string]kube.DeviceCapacity{"memory": {Value: strconv.FormatUint(m.MemoryBytes, 10)}}
+	if at := m.Attributes; at != nil {
+		for k, v := range map[string]uint32{
+			"multiprocessors": at.Multiprocessors, "copyEngines": at.CopyEngines, "decoders": at.Decoders,
+			"encoders": at.Encoders, "jpegEngines": at.JPEGs, "ofaEngines": at.OFAs,
+		} {
+			capacity[k] = kube.DeviceCapacity{Value: strconv.FormatUint(uint64(v), 10)}
+		}
+	}
+	return kube.SliceDevice{Name: name, Attributes: a, Capacity: capacity}
+}
+
+// semver pads a version to the three parts a version attribute needs
+// ("12.4" → "12.4.0", "550.54.15" as is); "" stays "".
+func semver(v string) string {
+	if v == "" {
+		return v
+	}
+	parts := strings.Split(v, ".")
+	for len(parts) < 3 {
+		parts = append(parts, "0")
+	}
+	for i, p := range parts[:3] {
+		if n, err := strconv.Atoi(p); err == nil {
+			parts[i] = strconv.Itoa(n) // no leading zeros: "535.04" → "535.4.0"
+		}
+	}
+	return strings.Join(parts[:3], ".")
+}
+
+// pciBusID writes NVML's bus ID ("00000000:07:00.0") as the standard
+// attribute does ("0000:07:00.0", lower case).
+func pciBusID(id string) string {
+	id = strings.ToLower(nvml.NormalizeBusID(id))
+	if dom, rest, ok := strings.Cut(id, ":"); ok && len(dom) > 4 {
+		id = dom[len(dom)-4:] + ":" + rest
+	}
+	return id
+}
