@@ -13,7 +13,9 @@
 package dra
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -183,9 +185,42 @@ func (d *Driver) Update(inv *nvml.Inventory, units []string, nodeSpec *specs.Spe
 	for _, dev := range devs {
 		d.byName[dev.name] = dev
 	}
+	changed := !sameSpec(d.nodeSpec, nodeSpec)
 	d.nodeSpec = nodeSpec
 	d.mu.Unlock()
+	if changed && nodeSpec != nil {
+		d.rewriteSpecs()
+	}
 	d.kick.Notify()
+}
+
+// rewriteSpecs writes the spec of every prepared claim again from a new
+// node spec (a new daemon, a driver upgrade): a container created from a
+// prepared claim later (a second pod of a shared claim, a restart) gets
+// the driver's files where they are now.
+func (d *Driver) rewriteSpecs() {
+	d.prepMu.Lock()
+	defer d.prepMu.Unlock()
+	d.mu.Lock()
+	claims := make(map[string][]preparedDevice, len(d.claims))
+	for uid, c := range d.claims {
+		claims[uid] = c.Devices
+	}
+	d.mu.Unlock()
+	for uid, devs := range claims {
+		if err := d.writeSpec(uid, devs); err != nil {
+			d.log.Error("cannot rewrite a prepared claim's CDI spec", "uid", uid, "err", err)
+		}
+	}
+}
+
+func sameSpec(a, b *specs.Spec) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	ja, errA := json.Marshal(a)
+	jb, errB := json.Marshal(b)
+	return errA == nil && errB == nil && bytes.Equal(ja, jb)
 }
 
 // Held reports whether a GPU or MIG device is in a prepared claim.

@@ -1,0 +1,213 @@
+package kubelet
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	resourcev1 "k8s.io/api/resource/v1"
+	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
+)
+
+// draDaemon starts the daemon in an allocation mode against the real
+// kubelet DRA manager and the API shim, with its DRA directories in tmp.
+// Without a device-plugin kubelet in the test, the device plugin side
+// watches a directory of its own (split mode passes the real one).
+func draDaemon(t *testing.T, k *draKubelet, reg, plugins string, flags ...string) *plugin {
+	t.Helper()
+	dp := filepath.Join(filepath.Dir(reg), "device-plugins")
+	if err := os.MkdirAll(dp, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return startPlugin(t, append([]string{k.kubeconfigFlag(), "--kubelet-socket-dir=" + dp, "--cdi-spec-dir=" + filepath.Join(filepath.Dir(reg), "cdi"),
+		"--kubelet-registrar-directory-path=" + reg, "--kubelet-plugins-directory-path=" + plugins}, flags...)...)
+}
+
+func sliceDevice(s []resourcev1.ResourceSlice, name string) *resourcev1.Device {
+	for i := range s {
+		for j := range s[i].Spec.Devices {
+			if s[i].Spec.Devices[j].Name == name {
+				return &s[i].Spec.Devices[j]
+			}
+		}
+	}
+	return nil
+}
+
+func deviceCount(s []resourcev1.ResourceSlice) int {
+	n := 0
+	for _, sl := range s {
+		n += len(sl.Spec.Devices)
+	}
+	return n
+}
+
+func deviceNodePaths(p *plugin, names []string) ([]string, error) {
+	spec, err := p.injectCDI(names...)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	if spec.Linux != nil {
+		for _, d := range spec.Linux.Devices {
+			out = append(out, d.Path)
+		}
+	}
+	return out, nil
+}
+
+// TestDRAThroughKubelet drives the daemon's DRA plugin with the real
+// kubelet DRA manager (registration over the real socket, prepare and
+// unprepare over real gRPC) and an API that validates the ResourceSlice
+// as the API server does: the slice, a claim's CDI devices resolving to
+// the claimed GPU's device node, health as a device taint, and prepared
+// claims surviving a daemon restart.
+func TestDRAThroughKubelet(t *testing.T) {
+	requireKubeletNamespace(t)
+	tmp := t.TempDir()
+	reg, plugins := filepath.Join(tmp, "registry"), filepath.Join(tmp, "plugins")
+	k := startDRAKubelet(t, reg)
+	p := draDaemon(t, k, reg, plugins, "--allocation-mode=dra")
+	k.waitRegistered(draDriver)
+	s := k.waitSlices("one slice of 8 GPUs", func(s []resourcev1.ResourceSlice) bool { return len(s) == 1 && deviceCount(s) == 8 })
+	if got := s[0].Spec; got.Driver != draDriver || got.Pool.Name != draNodeName || got.NodeName == nil || *got.NodeName != draNodeName {
+		t.Errorf("slice spec: driver %s pool %s node %v", got.Driver, got.Pool.Name, got.NodeName)
+	}
+	if own := s[0].OwnerReferences; len(own) != 1 || own[0].Kind != "Node" || string(own[0].UID) != string(k.nodeUID) {
+		t.Errorf("slice owners %+v, want the node", own)
+	}
+	if st := p.d.Plugins().Status(); len(st) != 0 {
+		t.Errorf("dra mode registers device plugin resources: %+v", st)
+	}
+	g := p.d.Inventory().GPUs[2]
+	dev := fmt.Sprintf("gpu-%d", g.Minor)
+	sd := sliceDevice(s, dev)
+	if sd == nil || sd.Attributes["uuid"].StringValue == nil || *sd.Attributes["uuid"].StringValue != g.UUID || *sd.Attributes["type"].StringValue != "gpu" {
+		t.Fatalf("slice device %s: %+v", dev, sd)
+	}
+	if q := sd.Capacity["memory"].Value; q.Value() != int64(g.MemoryBytes) {
+		t.Errorf("memory capacity %s, want %d bytes", q.String(), g.MemoryBytes)
+	}
+
+	// One claim, two pods sharing it.
+	c := k.claim(draNamespace, "shared", draResult(dev))
+	podA, podB := k.pod("a", "shared"), k.pod("b", "shared")
+	start := time.Now()
+	if err := k.prepare(podA); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("prepare through the kubelet: %s", time.Since(start))
+	want := []string{"k8s.gpu.nvidia.com/claim=" + string(c.UID) + "-" + dev}
+	if got := k.cdiDevices(podA, containerName); !slices.Equal(got, want) {
+		t.Fatalf("CDI devices %v, want %v", got, want)
+	}
+	nodes, err := deviceNodePaths(p, want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(nodes, fmt.Sprintf("/dev/nvidia%d", g.Minor)) || slices.Contains(nodes, fmt.Sprintf("/dev/nvidia%d", p.d.Inventory().GPUs[0].Minor)) {
+		t.Errorf("the claim injects %v, want /dev/nvidia%d and no other GPU", nodes, g.Minor)
+	}
+
+	// XID 48 on the claimed GPU: a taint in the slice, the claim untouched;
+	// recovery removes it.
+	if _, err := p.d.SimNode().InjectXID(2, 48, -1, -1); err != nil {
+		t.Fatal(err)
+	}
+	start = time.Now()
+	s = k.waitSlices("an XID taint on "+dev, func(s []resourcev1.ResourceSlice) bool {
+		d := sliceDevice(s, dev)
+		return d != nil && len(d.Taints) == 1 && d.Taints[0].Key == "gpu.nvidia.com/xid" && d.Taints[0].Value == "48"
+	})
+	t.Logf("XID → taint in the API: %s", time.Since(start))
+	if tn := sliceDevice(s, dev).Taints[0]; tn.Effect != resourcev1.DeviceTaintEffectNoSchedule {
+		t.Errorf("taint effect %s", tn.Effect)
+	}
+	p.d.Health().SetHealthy(g.UUID, "test: recovered")
+	k.waitSlices("the taint gone", func(s []resourcev1.ResourceSlice) bool { d := sliceDevice(s, dev); return d != nil && len(d.Taints) == 0 })
+
+	// The daemon restarts with the claim prepared (and a new simulated
+	// driver root, as a driver upgrade moves files): the second pod of the
+	// shared claim gets the same devices from a spec written for the new
+	// root, and no slice is duplicated.
+	if err := p.stop(); err != nil {
+		t.Fatal(err)
+	}
+	regs := k.registrations(draDriver)
+	p = draDaemon(t, k, reg, plugins, "--allocation-mode=dra")
+	if err := poll(10*time.Second, func() bool { return k.registrations(draDriver) > regs }); err != nil {
+		t.Fatalf("the restarted daemon did not register again: %v", err)
+	}
+	if err := k.prepare(podB); err != nil {
+		t.Fatal(err)
+	}
+	if got := k.cdiDevices(podB, containerName); !slices.Equal(got, want) {
+		t.Errorf("after a daemon restart: CDI devices %v, want %v", got, want)
+	}
+	if _, err := deviceNodePaths(p, want); err != nil {
+		t.Errorf("after a daemon restart the claim's spec does not resolve: %v", err)
+	}
+	k.waitSlices("still one slice", func(s []resourcev1.ResourceSlice) bool { return len(s) == 1 && deviceCount(s) == 8 })
+
+	// Unprepare once both pods are gone: the spec leaves the CDI dir.
+	for _, pod := range []*v1.Pod{podA, podB} {
+		if err := k.unprepare(pod); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := deviceNodePaths(p, want); err == nil || !strings.Contains(err.Error(), "unresolved") {
+		t.Errorf("the claim's CDI device still resolves after unprepare (err %v)", err)
+	}
+}
+
+// TestDRASplitMode: a split node offers the named GPUs to DRA and the
+// rest to the device plugin, as the two kubelet managers see them, with
+// no GPU in both.
+func TestDRASplitMode(t *testing.T) {
+	requireKubeletNamespace(t)
+	tmp := t.TempDir()
+	reg, plugins := filepath.Join(tmp, "registry"), filepath.Join(tmp, "plugins")
+	kd := startDRAKubelet(t, reg)
+	kp := startKubelet(t)
+	p := draDaemon(t, kd, reg, plugins, "--allocation-mode=split", "--dra-devices=0,7", "--kubelet-socket-dir="+pluginapi.DevicePluginPath)
+	kd.waitRegistered(draDriver)
+	s := kd.waitSlices("two GPUs", func(s []resourcev1.ResourceSlice) bool { return deviceCount(s) == 2 })
+	kp.waitCapacity("nvidia.com/gpu", counts{Capacity: 6, Allocatable: 6})
+	viaDRA := map[string]bool{}
+	for _, d := range s[0].Spec.Devices {
+		viaDRA[*d.Attributes["uuid"].StringValue] = true
+	}
+	inv := p.d.Inventory()
+	if !viaDRA[inv.GPUs[0].UUID] || !viaDRA[inv.GPUs[7].UUID] {
+		t.Errorf("DRA offers %v, want GPUs 0 and 7", viaDRA)
+	}
+	for id := range kp.devices("nvidia.com/gpu") {
+		if viaDRA[id] {
+			t.Errorf("%s offered by both APIs", id)
+		}
+	}
+}
+
+// TestDRAWithoutDeviceTaints: an API server that drops device taints gets
+// the sick device left out of the slice instead, and back on recovery.
+func TestDRAWithoutDeviceTaints(t *testing.T) {
+	requireKubeletNamespace(t)
+	tmp := t.TempDir()
+	reg, plugins := filepath.Join(tmp, "registry"), filepath.Join(tmp, "plugins")
+	k := startDRAKubelet(t, reg, draDropDeviceTaints())
+	p := draDaemon(t, k, reg, plugins, "--allocation-mode=dra")
+	k.waitSlices("8 GPUs", func(s []resourcev1.ResourceSlice) bool { return deviceCount(s) == 8 })
+	g := p.d.Inventory().GPUs[4]
+	if _, err := p.d.SimNode().InjectXID(4, 48, -1, -1); err != nil {
+		t.Fatal(err)
+	}
+	dev := fmt.Sprintf("gpu-%d", g.Minor)
+	k.waitSlices(dev+" left out", func(s []resourcev1.ResourceSlice) bool { return deviceCount(s) == 7 && sliceDevice(s, dev) == nil })
+	p.d.Health().SetHealthy(g.UUID, "test: recovered")
+	k.waitSlices(dev+" back", func(s []resourcev1.ResourceSlice) bool { return deviceCount(s) == 8 })
+}
