@@ -482,6 +482,7 @@ dashboard: {enabled: true, namespace: monitoring}
 var clusterScoped = map[string]bool{
 	"ClusterRole": true, "ClusterRoleBinding": true,
 	"ValidatingAdmissionPolicy": true, "ValidatingAdmissionPolicyBinding": true,
+	"DeviceClass": true,
 }
 
 // TestChartRejectsContradictoryValues: each mistake fails the render with a
@@ -518,13 +519,15 @@ func TestChartRejectsContradictoryValues(t *testing.T) {
 }
 
 // TestChartLint runs Helm's own chart linter (what `helm lint` checks)
-// under the defaults, with the monitoring objects on and with MPS on;
-// warnings fail.
+// under the defaults, with the monitoring objects on, with MPS on and with
+// DRA on (dra.mode dra and split); warnings fail.
 func TestChartLint(t *testing.T) {
 	for name, vals := range map[string]map[string]any{
 		"defaults":   nil,
 		"monitoring": MonitoringValues(),
 		"mps":        {"mps": map[string]any{"enabled": true}},
+		"dra":        DRAValues(),
+		"dra split":  {"dra": map[string]any{"mode": "split", "devices": []any{"0"}}},
 	} {
 		t.Run(name, func(t *testing.T) {
 			res := lint.AllWithKubeVersion(chartDir(), vals, ReleaseNamespace, nil)

@@ -14,6 +14,7 @@ import (
 	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	resourcev1 "k8s.io/api/resource/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
@@ -65,6 +66,9 @@ func newTyped(apiVersion, kind string) (any, *metav1.ObjectMeta, error) {
 		return o, &o.ObjectMeta, nil
 	case "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicyBinding":
 		o := &admissionv1.ValidatingAdmissionPolicyBinding{}
+		return o, &o.ObjectMeta, nil
+	case "resource.k8s.io/v1/DeviceClass":
+		o := &resourcev1.DeviceClass{}
 		return o, &o.ObjectMeta, nil
 	case "monitoring.coreos.com/v1/ServiceMonitor":
 		o := &monv1.ServiceMonitor{}

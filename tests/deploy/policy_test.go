@@ -37,6 +37,13 @@ func isMPSRow(cells []string) bool {
 	return strings.Contains(strings.ToLower(cells[0]+cells[1]), "mps") || strings.Contains(cells[1], "`"+mpsShmMount+"`")
 }
 
+// isDRARow reports whether a row of the host path table is one of the DRA
+// mounts (naming a dra.* value): they are there only with DRA, at the
+// policy's directories, so expectedMounts adds them itself.
+func isDRARow(cells []string) bool {
+	return strings.Contains(cells[0], "`dra.")
+}
+
 // documentedMounts parses docs/install.md's host path table (between the
 // hostpaths:begin/end markers).
 func documentedMounts(t *testing.T) []mountDoc {
@@ -49,7 +56,7 @@ func documentedMounts(t *testing.T) []mountDoc {
 		if len(cells) < 4 || strings.HasPrefix(strings.TrimSpace(cells[0]), "---") || strings.Contains(cells[0], "Host path") {
 			continue
 		}
-		if isMPSRow(cells) {
+		if isMPSRow(cells) || isDRARow(cells) {
 			continue
 		}
 		var m mountDoc
@@ -78,14 +85,19 @@ func documentedMounts(t *testing.T) []mountDoc {
 }
 
 // expectedMounts is the documented list for a given driver root, and
-// whether a cdi-* strategy is set (which mounts the driver root "/" too),
-// plus, with an MPS root, the MPS root at its own path and its shm at
-// /dev/shm, both read-write.
-func expectedMounts(t *testing.T, driverRoot string, cdi bool, mpsRoot string) []mountDoc {
+// whether a cdi-* strategy or DRA is set (either mounts the driver root "/"
+// too), plus, with an MPS root, the MPS root at its own path and its shm at
+// /dev/shm, and with DRA the kubelet's plugin registration and plugins
+// directories at their own paths, all read-write.
+func expectedMounts(t *testing.T, driverRoot string, cdi bool, mpsRoot string, draDirs []string) []mountDoc {
 	var out []mountDoc
 	if mpsRoot != "" {
 		out = append(out, mountDoc{Host: mpsRoot, Container: mpsRoot}, mountDoc{Host: mpsRoot + "/shm", Container: mpsShmMount})
 	}
+	for _, d := range draDirs {
+		out = append(out, mountDoc{Host: d, Container: d})
+	}
+	cdi = cdi || len(draDirs) > 0
 	for _, m := range documentedMounts(t) {
 		if m.Container == driverRootMount {
 			if driverRoot == "/" && !cdi {
@@ -109,6 +121,7 @@ type policy struct {
 	apiAccess    bool     // nodeHealth.condition: the pod mounts its token
 	hostPID      bool     // perPodUsage, MPS with mps.enableHostPID: the pod shares the host's PID namespace
 	mpsRoot      string   // MPS on: the MPS root mounted at its own path, and its shm at /dev/shm
+	draDirs      []string // DRA on: the kubelet's plugins_registry and plugins directories, each at its own path
 	rawDaemonSet string   // the rendered YAML, for the comment checks
 }
 
@@ -140,7 +153,7 @@ func checkDaemonSetPolicy(t *testing.T, ds *appsv1.DaemonSet, p policy) {
 		t.Errorf("hostNetwork/hostPID/hostIPC = %v/%v/%v, want false/%v/false", spec.HostNetwork, spec.HostPID, spec.HostIPC, p.hostPID)
 	}
 	if !p.apiAccess && (spec.AutomountServiceAccountToken == nil || *spec.AutomountServiceAccountToken) {
-		t.Error("automountServiceAccountToken must be false: the daemon never calls the API server unless nodeHealth.condition is set")
+		t.Error("automountServiceAccountToken must be false: the daemon never calls the API server unless an API feature (nodeHealth.condition, DRA, …) is set")
 	}
 	sel, err := metav1LabelSelector(ds)
 	if err != nil || !sel.Matches(labels.Set(ds.Spec.Template.Labels)) {
@@ -154,7 +167,7 @@ func checkDaemonSetPolicy(t *testing.T, ds *appsv1.DaemonSet, p policy) {
 	checkResources(t, c.Resources)
 	checkProbes(t, c, p)
 	checkSecurityContext(t, c.SecurityContext, p)
-	checkMounts(t, spec, c, p.driverRoot, p.cdi, p.mpsRoot)
+	checkMounts(t, spec, c, p.driverRoot, p.cdi, p.mpsRoot, p.draDirs)
 
 	if !slices.ContainsFunc(c.Ports, func(cp corev1.ContainerPort) bool {
 		return cp.Name == "metrics" && cp.ContainerPort == p.metricsPort
@@ -276,7 +289,7 @@ func checkSecurityContext(t *testing.T, sc *corev1.SecurityContext, p policy) {
 	}
 }
 
-func checkMounts(t *testing.T, spec corev1.PodSpec, c corev1.Container, driverRoot string, cdi bool, mpsRoot string) {
+func checkMounts(t *testing.T, spec corev1.PodSpec, c corev1.Container, driverRoot string, cdi bool, mpsRoot string, draDirs []string) {
 	t.Helper()
 	volumes := map[string]corev1.Volume{}
 	for _, v := range spec.Volumes {
@@ -302,12 +315,12 @@ func checkMounts(t *testing.T, spec corev1.PodSpec, c corev1.Container, driverRo
 			t.Errorf("hostPath volume %s is not mounted", v.Name)
 		}
 	}
-	want := expectedMounts(t, driverRoot, cdi, mpsRoot)
+	want := expectedMounts(t, driverRoot, cdi, mpsRoot, draDirs)
 	byContainer := func(a, b mountDoc) int { return strings.Compare(a.Container, b.Container) }
 	slices.SortFunc(got, byContainer)
 	slices.SortFunc(want, byContainer)
 	if !slices.Equal(got, want) {
-		t.Errorf("hostPath mounts differ from docs/install.md's table (driver root %q, MPS root %q):\n got  %+v\n want %+v", driverRoot, mpsRoot, got, want)
+		t.Errorf("hostPath mounts differ from docs/install.md's table (driver root %q, MPS root %q, DRA directories %q):\n got  %+v\n want %+v", driverRoot, mpsRoot, draDirs, got, want)
 	}
 }
 

@@ -95,6 +95,19 @@ func (r *Rendered) Kinds() []string {
 // values.schema.json, templates rendered, objects split and put in Helm's
 // install order.
 func RenderChart(dir string, values map[string]any) (*Rendered, error) {
+	return renderChart(dir, values, chartutil.DefaultCapabilities.Copy())
+}
+
+// RenderChartWithAPIVersions renders as RenderChart does for a cluster
+// that serves only these API versions (`helm template --api-versions`
+// replacing, not adding to, Helm's default set).
+func RenderChartWithAPIVersions(dir string, values map[string]any, apiVersions []string) (*Rendered, error) {
+	caps := chartutil.DefaultCapabilities.Copy()
+	caps.APIVersions = chartutil.VersionSet(apiVersions)
+	return renderChart(dir, values, caps)
+}
+
+func renderChart(dir string, values map[string]any, caps *chartutil.Capabilities) (*Rendered, error) {
 	ch, err := loader.LoadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("loading chart %s: %w", dir, err)
@@ -102,7 +115,6 @@ func RenderChart(dir string, values map[string]any) (*Rendered, error) {
 	if values == nil {
 		values = map[string]any{}
 	}
-	caps := chartutil.DefaultCapabilities.Copy()
 	opts := chartutil.ReleaseOptions{Name: ReleaseName, Namespace: ReleaseNamespace, Revision: 1, IsInstall: true}
 	rv, err := chartutil.ToRenderValues(ch, values, opts, caps)
 	if err != nil {
@@ -167,6 +179,10 @@ func StaticFiles(root string) (map[string][]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	dra, err := draStaticSection(def, chart)
+	if err != nil {
+		return nil, err
+	}
 	var monDocs []Doc
 	for _, d := range mon.Docs {
 		if isMonitoring(d) {
@@ -174,11 +190,13 @@ func StaticFiles(root string) (map[string][]byte, error) {
 		}
 	}
 	return map[string][]byte{
-		StaticManifest: staticText(def.Docs, `# gpu-plugin: the GPU device plugin and telemetry DaemonSet, for
+		StaticManifest: append(staticText(def.Docs, `# gpu-plugin: the GPU device plugin and telemetry DaemonSet, for
 #   kubectl create -f deployments/static/gpu-plugin.yaml
 # It installs into kube-system: a ServiceAccount, the config ConfigMap (edit it in place; the
 # daemon applies changes live), a headless metrics Service on port 9400 and the DaemonSet.
-`),
+# DRA (ResourceClaims, NVIDIA's DRA driver's DeviceClasses) instead of or beside the device
+# plugin: see the end of this file.
+`), dra...),
 		StaticMonitoring: staticText(monDocs, `# gpu-plugin's monitoring objects, for clusters running the Prometheus Operator and Grafana's
 # dashboard sidecar (kube-prometheus-stack):
 #   kubectl create -f deployments/static/monitoring.yaml

@@ -71,11 +71,31 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/*
 Whether the driver root is mounted at /driver-root: with a driver container (driverRoot not "/"),
-and with a cdi-* device list strategy (in deviceListStrategy or on an uncommented line of the inline
-config), whose CDI spec lists the driver's libraries and binaries found there.
+with a cdi-* device list strategy (in deviceListStrategy or on an uncommented line of the inline
+config), whose CDI spec lists the driver's libraries and binaries found there, and with DRA, whose
+per-claim CDI specs list them too.
 */}}
 {{- define "gpu-plugin.mountDriverRoot" -}}
-{{- if or (ne .Values.driverRoot "/") (contains "cdi-" (toString .Values.deviceListStrategy)) (regexMatch "(?m)^[^#\n]*cdi-(annotations|cri)" (toString .Values.config.inline)) }}true{{ end }}
+{{- if or (ne .Values.driverRoot "/") (contains "cdi-" (toString .Values.deviceListStrategy)) (regexMatch "(?m)^[^#\n]*cdi-(annotations|cri)" (toString .Values.config.inline)) (include "gpu-plugin.draOn" .) }}true{{ end }}
+{{- end }}
+
+{{/* Whether the daemon serves DRA: dra.mode dra or split. */}}
+{{- define "gpu-plugin.draOn" -}}
+{{- if has (toString .Values.dra.mode) (list "dra" "split") }}true{{ end }}
+{{- end }}
+
+{{/* The DRA devices (dra.devices) comma-joined: GPU_PLUGIN_DRA_DEVICES. */}}
+{{- define "gpu-plugin.draDevices" -}}
+{{- join "," .Values.dra.devices }}
+{{- end }}
+
+{{/* dra.kubeletRegistrarDirectoryPath and dra.kubeletPluginsDirectoryPath, cleaned: host and container paths. */}}
+{{- define "gpu-plugin.draRegistrarDir" -}}
+{{- clean (toString .Values.dra.kubeletRegistrarDirectoryPath) }}
+{{- end }}
+
+{{- define "gpu-plugin.draPluginsDir" -}}
+{{- clean (toString .Values.dra.kubeletPluginsDirectoryPath) }}
 {{- end }}
 
 {{/*
@@ -189,6 +209,34 @@ httpGet:
 {{- end }}
 {{- if and (include "gpu-plugin.mpsWanted" .) (eq (include "gpu-plugin.mpsRoot" .) "/") }}
 {{- fail "mps.root is \"/\": it is mounted into the container at the same path, so it must be a directory of its own, e.g. /run/nvidia/mps" }}
+{{- end }}
+{{- if not (has (toString .Values.dra.mode) (list "device-plugin" "dra" "split")) }}
+{{- fail (printf "dra.mode %q: want device-plugin, dra or split" (toString .Values.dra.mode)) }}
+{{- end }}
+{{- $draDevices := include "gpu-plugin.draDevices" . }}
+{{- if and (eq .Values.dra.mode "split") (not $draDevices) }}
+{{- fail "dra.mode is split but dra.devices is empty: list the GPU UUIDs, MIG UUIDs or GPU indexes that DRA gets (the rest stay with the device plugin), or use dra.mode=dra for all of them" }}
+{{- end }}
+{{- if and $draDevices (ne .Values.dra.mode "split") }}
+{{- fail (printf "dra.devices is set but dra.mode is %s: the device list splits devices between DRA and the device plugin, so set dra.mode=split, or drop dra.devices" .Values.dra.mode) }}
+{{- end }}
+{{- if include "gpu-plugin.draOn" . }}
+{{- if not (.Capabilities.APIVersions.Has "resource.k8s.io/v1") }}
+{{- fail (printf "dra.mode=%s needs the resource.k8s.io/v1 API (Kubernetes 1.34 or newer), which this cluster does not serve (helm template without a cluster: add --api-versions resource.k8s.io/v1)" .Values.dra.mode) }}
+{{- end }}
+{{- $reg := include "gpu-plugin.draRegistrarDir" . }}
+{{- $plugins := include "gpu-plugin.draPluginsDir" . }}
+{{- if or (not (isAbs $reg)) (eq $reg "/") (not (isAbs $plugins)) (eq $plugins "/") }}
+{{- fail (printf "dra.kubeletRegistrarDirectoryPath %q and dra.kubeletPluginsDirectoryPath %q must be absolute directories of their own (the kubelet's plugins_registry and plugins)" $reg $plugins) }}
+{{- end }}
+{{- if eq $reg $plugins }}
+{{- fail (printf "dra.kubeletRegistrarDirectoryPath and dra.kubeletPluginsDirectoryPath are both %s: the kubelet registers every socket in the registrar directory, so keep the DRA socket in the plugins directory" $reg) }}
+{{- end }}
+{{- range list $reg $plugins }}
+{{- if has . (list "/var/lib/kubelet/device-plugins" "/var/lib/kubelet/pod-resources" "/var/run/cdi" "/host-dev" "/driver-root" "/etc/kubernetes/node-feature-discovery/features.d" "/etc/gpu-plugin/config" "/dev/shm") }}
+{{- fail (printf "dra.kubeletRegistrarDirectoryPath or dra.kubeletPluginsDirectoryPath is %s, which the DaemonSet already mounts for something else" .) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and (or .Values.webConfig.tls .Values.webConfig.basicAuth) (not (include "gpu-plugin.webConfigEnabled" .)) }}
 {{- fail "webConfig.tls or webConfig.basicAuth is set without a web config: set webConfig.config or webConfig.existingSecret" }}
