@@ -48,7 +48,15 @@ func (d *Daemon) draEnv(env advert.Env) advert.Env {
 		// A device a pod holds through the device plugin, as the kubelet's
 		// pod-resources API lists it (the telemetry's cache).
 		env.PluginHeld = func(uuid string) bool {
-			return d.tel != nil && d.tel.pods != nil && len(d.tel.pods.Snapshot().Holders(uuid)) > 0
+			if d.tel == nil || d.tel.pods == nil {
+				return false
+			}
+			for _, h := range d.tel.pods.Snapshot().Holders(uuid) {
+				if h.Resource != dra.DriverName {
+					return true
+				}
+			}
+			return false
 		}
 	}
 	return env

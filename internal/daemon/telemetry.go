@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
+	"github.com/gpu-plugin/gpu-plugin/internal/dra"
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
 	"github.com/gpu-plugin/gpu-plugin/internal/kube"
 	"github.com/gpu-plugin/gpu-plugin/internal/plugin"
@@ -201,6 +202,10 @@ func (d *Daemon) podResolver() podresources.Resolver {
 			if dev, ok := r.Lookup(id); ok {
 				return dev.Physical, true
 			}
+		}
+		if resource == dra.DriverName && d.dra != nil {
+			// A device of a DRA claim, by its name in the slice.
+			return d.dra.UUIDOf(id)
 		}
 		return fallback(resource, id)
 	}

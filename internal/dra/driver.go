@@ -237,6 +237,15 @@ func (d *Driver) Held(uuid string) bool {
 	return false
 }
 
+// UUIDOf is the GPU or MIG UUID of a device named in the slice (or in a
+// prepared claim), for pod attribution.
+func (d *Driver) UUIDOf(name string) (string, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	dev, ok := d.byName[name]
+	return dev.uuid, ok && dev.uuid != ""
+}
+
 // Released returns a channel closed when the next claim is unprepared.
 func (d *Driver) Released() <-chan struct{} { return d.released.C() }
 

@@ -326,25 +326,35 @@ func (c *Cache) build(resp *podresourcesv1.ListPodResourcesResponse) *Snapshot {
 	for _, pod := range resp.GetPodResources() {
 		for _, ctr := range pod.GetContainers() {
 			holds := false
+			add := func(resource, id string) {
+				unit, ok := resolve(resource, id)
+				if !ok {
+					return
+				}
+				h := Holder{Namespace: pod.GetNamespace(), Pod: pod.GetName(), Container: ctr.GetName(), Resource: resource}
+				// Replicas of one device held by one container count
+				// once, with every replica's ID.
+				hs := s.ByUnit[unit]
+				if k := slices.IndexFunc(hs, h.sameContainer); k >= 0 {
+					if !slices.Contains(hs[k].DeviceIDs, id) {
+						hs[k].DeviceIDs = append(hs[k].DeviceIDs, id)
+					}
+				} else {
+					h.DeviceIDs = []string{id}
+					s.ByUnit[unit] = append(hs, h)
+				}
+				holds = true
+			}
 			for _, dev := range ctr.GetDevices() {
 				for _, id := range dev.GetDeviceIds() {
-					unit, ok := resolve(dev.GetResourceName(), id)
-					if !ok {
-						continue
-					}
-					h := Holder{Namespace: pod.GetNamespace(), Pod: pod.GetName(), Container: ctr.GetName(), Resource: dev.GetResourceName()}
-					// Replicas of one device held by one container count
-					// once, with every replica's ID.
-					hs := s.ByUnit[unit]
-					if k := slices.IndexFunc(hs, h.sameContainer); k >= 0 {
-						if !slices.Contains(hs[k].DeviceIDs, id) {
-							hs[k].DeviceIDs = append(hs[k].DeviceIDs, id)
-						}
-					} else {
-						h.DeviceIDs = []string{id}
-						s.ByUnit[unit] = append(hs, h)
-					}
-					holds = true
+					add(dev.GetResourceName(), id)
+				}
+			}
+			// Devices from DRA claims: the driver's name is the
+			// resource, the device's name in its ResourceSlice the ID.
+			for _, dr := range ctr.GetDynamicResources() {
+				for _, cr := range dr.GetClaimResources() {
+					add(cr.GetDriverName(), cr.GetDeviceName())
 				}
 			}
 			if holds {

@@ -39,6 +39,8 @@ func resolver() podresources.Resolver {
 		"nvidia.com/mig-1g.5gb":    {"MIG-m1": "MIG-m1", "MIG-m2": "MIG-m2"},
 		"nvidia.com/gpu.shared":    {"GPU-b::0": "GPU-b", "GPU-b::1": "GPU-b", "GPU-b::2": "GPU-b"},
 		"nvidia.com/mig-1g.5gb.sh": {"MIG-m3::0": "MIG-m3", "MIG-m3::1": "MIG-m3"},
+		// DRA devices: the driver's name, the device's name in its slice.
+		"gpu.nvidia.com": {"gpu-4": "GPU-d", "gpu-5": "GPU-e"},
 	}
 	fallback := podresources.ResolveUUIDs(func(u string) bool { return u == "GPU-old" })
 	return func(resource, id string) (string, bool) {
@@ -118,6 +120,13 @@ func TestAttribution(t *testing.T) {
 		fake.Pod("old", "legacy", fake.Container{Name: "c", Devices: []fake.Devices{dev("nvidia.com/gpu-old", "GPU-old::4"), dev("nvidia.com/gpu", "GPU-unknown")}}),
 		// A pod without devices.
 		fake.Pod("kube-system", "dns", fake.Container{Name: "coredns"}),
+		// DRA: a claim of two GPUs, one of them shared with another pod's
+		// claim, and a claim of another driver.
+		fake.Pod("dra", "claimer", fake.Container{Name: "c", Claims: []fake.Claim{
+			{Name: "two", Driver: "gpu.nvidia.com", Pool: "node-a", Devices: []string{"gpu-4", "gpu-5"}},
+			{Name: "nic", Driver: "example.com", Pool: "node-a", Devices: []string{"gpu-4"}},
+		}}),
+		fake.Pod("dra", "sharer", fake.Container{Name: "c", Claims: []fake.Claim{{Name: "shared", Driver: "gpu.nvidia.com", Pool: "node-a", Devices: []string{"gpu-5"}}}}),
 	)
 	c, logs := run(t, socket, time.Hour)
 	waitFor(t, c, "first refresh", func(_ *podresources.Snapshot, st podresources.Status) bool { return st.Successes > 0 })
@@ -130,6 +139,8 @@ func TestAttribution(t *testing.T) {
 		{"GPU-b", "dev/nb-1/jupyter@nvidia.com/gpu.shared[GPU-b::0,GPU-b::2] dev/nb-2/jupyter@nvidia.com/gpu.shared[GPU-b::1]"},
 		{"MIG-m3", "dev/nb-3/x@nvidia.com/mig-1g.5gb.sh[MIG-m3::0] dev/nb-4/x@nvidia.com/mig-1g.5gb.sh[MIG-m3::1]"},
 		{"GPU-old", "old/legacy/c@nvidia.com/gpu-old[GPU-old::4]"},
+		{"GPU-d", "dra/claimer/c@gpu.nvidia.com[gpu-4]"},
+		{"GPU-e", "dra/claimer/c@gpu.nvidia.com[gpu-5] dra/sharer/c@gpu.nvidia.com[gpu-5]"},
 		{"GPU-c", ""},
 		{"GPU-unknown", ""},
 		{"mlx5_0", ""},
@@ -140,8 +151,8 @@ func TestAttribution(t *testing.T) {
 			}
 		})
 	}
-	if s.Containers != 8 {
-		t.Errorf("containers holding our devices: %d, want 8", s.Containers)
+	if s.Containers != 10 {
+		t.Errorf("containers holding our devices: %d, want 10", s.Containers)
 	}
 
 	// The training pod finishes: its attribution goes with the next refresh.

@@ -88,6 +88,13 @@ func Pod(namespace, name string, containers ...Container) *podresourcesv1.PodRes
 		for _, d := range c.Devices {
 			cr.Devices = append(cr.Devices, &podresourcesv1.ContainerDevices{ResourceName: d.Resource, DeviceIds: d.IDs})
 		}
+		for _, cl := range c.Claims {
+			dr := &podresourcesv1.DynamicResource{ClaimName: cl.Name, ClaimNamespace: namespace}
+			for _, dev := range cl.Devices {
+				dr.ClaimResources = append(dr.ClaimResources, &podresourcesv1.ClaimResource{DriverName: cl.Driver, PoolName: cl.Pool, DeviceName: dev})
+			}
+			cr.DynamicResources = append(cr.DynamicResources, dr)
+		}
 		p.Containers = append(p.Containers, cr)
 	}
 	return p
@@ -97,6 +104,14 @@ func Pod(namespace, name string, containers ...Container) *podresourcesv1.PodRes
 type Container struct {
 	Name    string
 	Devices []Devices
+	// Claims are DRA claims the container uses.
+	Claims []Claim
+}
+
+// Claim is a DRA claim: its driver's devices in one pool, by name.
+type Claim struct {
+	Name, Driver, Pool string
+	Devices            []string
 }
 
 // Devices are device IDs of one resource.
