@@ -43,7 +43,7 @@ type API interface {
 	CreateResourceSlice(ctx context.Context, s *kube.ResourceSlice) (*kube.ResourceSlice, error)
 	UpdateResourceSlice(ctx context.Context, s *kube.ResourceSlice) (*kube.ResourceSlice, error)
 	DeleteResourceSlice(ctx context.Context, name, uid string) error
-	WatchResourceSlices(ctx context.Context, driver, node string, log *slog.Logger, onChange func())
+	WatchResourceSlices(ctx context.Context, driver, node string, log *slog.Logger, onChange func(*kube.ResourceSlice))
 	GetNode(ctx context.Context, name string) (*kube.Node, error)
 }
 
@@ -81,6 +81,7 @@ type Driver struct {
 	taintsDropped bool
 	taintSince    map[string]time.Time // device → when its taint was added
 	pub           publishState
+	lastStored    string // pub.stored, for the watch (sliceChanged)
 
 	kick     notify.Signal // wakes the publisher
 	released notify.Signal // a claim was unprepared: its devices may move
@@ -289,6 +290,22 @@ func (d *Driver) healthy(dev device) (bool, string) {
 	return d.opts.Health.Check(dev.units...)
 }
 
+// sliceChanged hears of the API's slices: anything but the echo of the
+// publisher's own last write (same name and resourceVersion) makes it
+// look again. Skipping the echo saves a List per write, which counts
+// against the client's rate limit that claim reads share.
+func (d *Driver) sliceChanged(s *kube.ResourceSlice) {
+	if s != nil {
+		d.mu.Lock()
+		echo := d.lastStored == s.Name+"/"+s.ResourceVersion
+		d.mu.Unlock()
+		if echo {
+			return
+		}
+	}
+	d.kick.Notify()
+}
+
 // Run serves the kubelet and publishes the slice until ctx ends; then it
 // removes its sockets. Prepared claims stay prepared (the checkpoint and
 // their CDI specs stay), and so does the slice: a restarted daemon takes
@@ -302,7 +319,7 @@ func (d *Driver) Run(ctx context.Context) error {
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		d.opts.API.WatchResourceSlices(ctx, DriverName, d.opts.NodeName, d.log, d.kick.Notify)
+		d.opts.API.WatchResourceSlices(ctx, DriverName, d.opts.NodeName, d.log, d.sliceChanged)
 	}()
 	go func() { defer wg.Done(); d.publishLoop(ctx) }()
 	<-ctx.Done()

@@ -117,10 +117,13 @@ func (f *fakeAPI) DeleteResourceSlice(_ context.Context, name, uid string) error
 
 // WatchResourceSlices calls onChange after every write, including the
 // driver's own, as a watch does.
-func (f *fakeAPI) WatchResourceSlices(ctx context.Context, _, _ string, _ *slog.Logger, onChange func()) {
+func (f *fakeAPI) WatchResourceSlices(ctx context.Context, _, _ string, _ *slog.Logger, onChange func(*kube.ResourceSlice)) {
 	for {
 		ch := f.changed.C()
-		onChange()
+		onChange(nil)
+		for _, s := range f.all() {
+			onChange(s)
+		}
 		select {
 		case <-ctx.Done():
 			return
@@ -133,6 +136,16 @@ func (f *fakeAPI) GetNode(_ context.Context, name string) (*kube.Node, error) {
 	n := &kube.Node{}
 	n.Name, n.UID = name, "node-uid-1"
 	return n, nil
+}
+
+func (f *fakeAPI) all() []*kube.ResourceSlice {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []*kube.ResourceSlice
+	for _, s := range f.slices {
+		out = append(out, clone(s))
+	}
+	return out
 }
 
 // slice returns the one slice, or nil.

@@ -201,6 +201,9 @@ func (d *Driver) publish(ctx context.Context) error {
 func (d *Driver) stored(spec *kube.ResourceSliceSpec, s *kube.ResourceSlice) {
 	d.pub.written = spec
 	d.pub.stored = s.Name + "/" + s.ResourceVersion
+	d.mu.Lock()
+	d.lastStored = d.pub.stored
+	d.mu.Unlock()
 	sent := 0
 	for _, dev := range spec.Devices {
 		sent += len(dev.Taints)

@@ -204,17 +204,18 @@ func (c *Client) DeleteResourceSlice(ctx context.Context, name, uid string) erro
 	return err
 }
 
-// WatchResourceSlices calls onChange after the first list and after every
-// change to one driver's slices on one node (someone else's write, a
-// deletion by the kubelet), until ctx ends.
-func (c *Client) WatchResourceSlices(ctx context.Context, driver, node string, log *slog.Logger, onChange func()) {
+// WatchResourceSlices calls onChange with each of one driver's slices on
+// one node when listed and after every change to it, and with nil after
+// the first list and after a deletion (by the kubelet, say), until ctx
+// ends.
+func (c *Client) WatchResourceSlices(ctx context.Context, driver, node string, log *slog.Logger, onChange func(*ResourceSlice)) {
 	(&informer[ResourceSlice]{
 		c: c, path: resourcePath + "/resourceslices", selector: sliceSelector(driver, node),
 		what: "resource slices of " + driver + " on " + node, log: log,
 		meta:   func(s *ResourceSlice) *ObjectMeta { return &s.ObjectMeta },
-		set:    func(*ResourceSlice) { onChange() },
-		del:    func(*ResourceSlice) { onChange() },
-		synced: onChange,
+		set:    onChange,
+		del:    func(*ResourceSlice) { onChange(nil) },
+		synced: func() { onChange(nil) },
 	}).run(ctx)
 }
 

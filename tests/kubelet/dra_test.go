@@ -18,7 +18,7 @@ import (
 // kubelet DRA manager and the API shim, with its DRA directories in tmp.
 // Without a device-plugin kubelet in the test, the device plugin side
 // watches a directory of its own (split mode passes the real one).
-func draDaemon(t *testing.T, k *draKubelet, reg, plugins string, flags ...string) *plugin {
+func draDaemon(t testing.TB, k *draKubelet, reg, plugins string, flags ...string) *plugin {
 	t.Helper()
 	dp := filepath.Join(filepath.Dir(reg), "device-plugins")
 	if err := os.MkdirAll(dp, 0o755); err != nil {

@@ -79,6 +79,7 @@ var suites = []suite{
 	{id: "M", dir: "tests/kubelet", pkg: ".", bench: "^BenchmarkStreamDropToCapacity$", extra: []string{"-benchtime", "5x"}, root: true},
 	{id: "O", dir: ".", pkg: "./internal/cdi/", bench: "^BenchmarkGenerate$", extra: []string{"-benchtime", "50x", "-benchmem"}},
 	{id: "P", dir: ".", pkg: "./internal/daemon/", bench: "^BenchmarkMPS$", extra: []string{"-benchtime", "20x"}},
+	{id: "Q", dir: "tests/kubelet", pkg: ".", bench: "^BenchmarkDRA$", extra: []string{"-benchtime", "20x"}, root: true},
 }
 
 // metric is one reported value of a benchmark, shown as label + value +
@@ -180,6 +181,12 @@ var figures = []figure{
 		metrics: []metric{p50ms, p99ms, maxms}, note: "daemon start, limits, then the re-advertisement; the stand-in kubelet over real gRPC"},
 	{what: "MPS: control daemon killed → every replica unhealthy at the kubelet", suite: "P", bench: "BenchmarkMPS/death",
 		metrics: []metric{p50ms, p99ms, maxms}, note: "the exit is seen through the daemon's pidfd, at once; a hung daemon takes two 10 s probes"},
+	{what: "DRA: claim prepared through the real kubelet DRA manager (1 GPU, dgx-h100): claim read, NodePrepareResources, CDI spec and checkpoint", suite: "Q", bench: "BenchmarkDRA/prepare",
+		metrics: []metric{p50ms, p99ms, maxms}, note: "isolated claims; the API client's 5 requests/s (burst 10) is shared with slice writes"},
+	{what: "DRA: XID on a GPU → its device taint stored in the ResourceSlice (dgx-h100)", suite: "Q", bench: "BenchmarkDRA/xid-to-slice",
+		metrics: []metric{p50ms, p99ms, maxms}, note: "one List and one Update through the API shim, which validates the slice as the API server does"},
+	{what: "DRA: ResourceSlice of dgx-a100-mig (20 devices: 17 MIG, 3 GPUs) rewritten after a health change", suite: "Q", bench: "BenchmarkDRA/publish-dgx-a100-mig",
+		metrics: []metric{p50ms, p99ms, maxms}},
 	{what: "Whole-daemon RSS, 56 MIG devices, 100 pods, scraped every 100 ms", suite: "J", bench: "BenchmarkDaemonRSS",
 		metrics: []metric{{"VmRSS", "VmRSS-MB", 1, " MB"}, {"peak (VmHWM)", "VmHWM-MB", 1, " MB"}}, target: &target{1, 40, "≤ 40 MB"},
 		upstream: "dcgm-exporter: 100–500 MB reported by its users"},
