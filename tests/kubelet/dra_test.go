@@ -211,3 +211,52 @@ func TestDRAWithoutDeviceTaints(t *testing.T) {
 	p.d.Health().SetHealthy(g.UUID, "test: recovered")
 	k.waitSlices(dev+" back", func(s []resourcev1.ResourceSlice) bool { return deviceCount(s) == 8 })
 }
+
+// TestDRALiveModeSwitch: the config file's dra section applies live, and a
+// device in a prepared claim stays out of the device plugin until the
+// claim is released.
+func TestDRALiveModeSwitch(t *testing.T) {
+	requireKubeletNamespace(t)
+	tmp := t.TempDir()
+	reg, plugins := filepath.Join(tmp, "registry"), filepath.Join(tmp, "plugins")
+	kd := startDRAKubelet(t, reg)
+	kp := startKubelet(t)
+	cfg := configFile(t, "version: v1\ndra:\n  mode: split\n  devices: [0]\n")
+	path := strings.TrimPrefix(cfg, "--config=")
+	p := draDaemon(t, kd, reg, plugins, cfg, "--kubelet-socket-dir="+pluginapi.DevicePluginPath)
+	kd.waitRegistered(draDriver)
+	inv := p.d.Inventory()
+	gpu := func(i int) string { return fmt.Sprintf("gpu-%d", inv.GPUs[i].Minor) }
+	kd.waitSlices("GPU 0 through DRA", func(s []resourcev1.ResourceSlice) bool { return deviceCount(s) == 1 && sliceDevice(s, gpu(0)) != nil })
+	kp.waitCapacity("nvidia.com/gpu", counts{Capacity: 7, Allocatable: 7})
+
+	kd.claim(draNamespace, "held", draResult(gpu(0)))
+	pod := kd.pod("holder", "held")
+	if err := kd.prepare(pod); err != nil {
+		t.Fatal(err)
+	}
+	// GPU 0 goes back to the device plugin and GPU 1 to DRA: GPU 1 moves
+	// at once; GPU 0 is in a prepared claim, so it is offered by neither.
+	if err := os.WriteFile(path, []byte("version: v1\ndra:\n  mode: split\n  devices: [1]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p.d.Reload()
+	kd.waitSlices("only GPU 1 through DRA", func(s []resourcev1.ResourceSlice) bool { return deviceCount(s) == 1 && sliceDevice(s, gpu(1)) != nil })
+	kp.waitCapacity("nvidia.com/gpu", counts{Capacity: 6, Allocatable: 6})
+	if _, ok := kp.devices("nvidia.com/gpu")[inv.GPUs[0].UUID]; ok {
+		t.Fatal("GPU 0 offered to the device plugin while a prepared claim holds it")
+	}
+	// The claim is released: GPU 0 joins the device plugin.
+	if err := kd.unprepare(pod); err != nil {
+		t.Fatal(err)
+	}
+	kp.waitCapacity("nvidia.com/gpu", counts{Capacity: 7, Allocatable: 7})
+	// Back to the device plugin only: the slice goes, every GPU is offered
+	// to the device plugin.
+	if err := os.WriteFile(path, []byte("version: v1\ndra:\n  mode: device-plugin\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p.d.Reload()
+	kd.waitSlices("no slice", func(s []resourcev1.ResourceSlice) bool { return len(s) == 0 })
+	kp.waitCapacity("nvidia.com/gpu", counts{Capacity: 8, Allocatable: 8})
+}
