@@ -81,7 +81,10 @@ func BenchmarkDRA(b *testing.B) {
 		g := p.d.Inventory().GPUs[3]
 		dev := fmt.Sprintf("gpu-%d", g.Minor)
 		tainted := func(want bool) func([]resourcev1.ResourceSlice) bool {
-			return func(s []resourcev1.ResourceSlice) bool { d := sliceDevice(s, dev); return d != nil && (len(d.Taints) > 0) == want }
+			return func(s []resourcev1.ResourceSlice) bool {
+				d := sliceDevice(s, dev)
+				return d != nil && (len(d.Taints) > 0) == want
+			}
 		}
 		var took []time.Duration
 		for b.Loop() {

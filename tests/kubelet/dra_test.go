@@ -129,7 +129,10 @@ func TestDRAThroughKubelet(t *testing.T) {
 		t.Errorf("taint effect %s", tn.Effect)
 	}
 	p.d.Health().SetHealthy(g.UUID, "test: recovered")
-	k.waitSlices("the taint gone", func(s []resourcev1.ResourceSlice) bool { d := sliceDevice(s, dev); return d != nil && len(d.Taints) == 0 })
+	k.waitSlices("the taint gone", func(s []resourcev1.ResourceSlice) bool {
+		d := sliceDevice(s, dev)
+		return d != nil && len(d.Taints) == 0
+	})
 
 	// The daemon restarts with the claim prepared (and a new simulated
 	// driver root, as a driver upgrade moves files): the second pod of the
