@@ -83,9 +83,13 @@ type Driver struct {
 	pub           publishState
 	lastStored    string // pub.stored, for the watch (sliceChanged)
 
-	kick     notify.Signal // wakes the publisher
-	released notify.Signal // a claim was unprepared: its devices may move
-	status   status
+	kick notify.Signal // wakes the publisher
+	// devicesChanged wakes the health streams when the offered devices
+	// change; stopping ends them.
+	devicesChanged notify.Signal
+	stopping       chan struct{}
+	released       notify.Signal // a claim was unprepared: its devices may move
+	status         status
 }
 
 // status is what /debug/devices and the metrics show.
@@ -138,7 +142,7 @@ func New(opts Options) (*Driver, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	d := &Driver{opts: opts, log: log, byName: map[string]device{}, taintSince: map[string]time.Time{}}
+	d := &Driver{opts: opts, log: log, byName: map[string]device{}, taintSince: map[string]time.Time{}, stopping: make(chan struct{})}
 	d.status.TaintsViaAPI = true
 	if err := os.MkdirAll(d.pluginDir(), 0o750); err != nil {
 		return nil, fmt.Errorf("DRA plugin directory: %w (--kubelet-plugins-directory-path)", err)
@@ -193,6 +197,7 @@ func (d *Driver) Update(inv *nvml.Inventory, units []string, nodeSpec *specs.Spe
 		d.rewriteSpecs()
 	}
 	d.kick.Notify()
+	d.devicesChanged.Notify()
 }
 
 // rewriteSpecs writes the spec of every prepared claim again from a new

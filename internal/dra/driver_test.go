@@ -191,7 +191,7 @@ func TestRegistrationAndSlice(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info.Type != "DRAPlugin" || info.Name != "gpu.nvidia.com" || info.Endpoint != r.drv.DRASocket() || !slices.Equal(info.SupportedVersions, []string{"v1.DRAPlugin"}) {
+	if info.Type != "DRAPlugin" || info.Name != "gpu.nvidia.com" || info.Endpoint != r.drv.DRASocket() || !slices.Equal(info.SupportedVersions, []string{"v1.DRAPlugin", "v1.DRAResourceHealth"}) {
 		t.Errorf("GetInfo = %+v", info)
 	}
 	if got, want := filepath.Base(r.drv.RegistrationSocket()), "gpu.nvidia.com-reg.sock"; got != want {

@@ -1,8 +1,13 @@
 package dra_test
 
 import (
+	"context"
+	"slices"
 	"strings"
 	"testing"
+
+	healthpb "k8s.io/kubelet/pkg/apis/dra-health/v1"
+	registerpb "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/health"
 	"github.com/gpu-plugin/gpu-plugin/internal/kube"
@@ -140,6 +145,61 @@ func TestMIGDevices(t *testing.T) {
 	for _, p := range append([]string{"/dev/nvidia" + itoa(int64(g.Minor))}, m.CapDevicePaths...) {
 		if !strings.Contains(nodes, p) {
 			t.Errorf("MIG claim injects %s, missing %s", nodes, p)
+		}
+	}
+}
+
+// TestHealthStream: the DRA health service the kubelet watches lists every
+// offered device's health, and a change is sent at once.
+func TestHealthStream(t *testing.T) {
+	r := newRig(t, "dgx-h100")
+	info, err := registerpb.NewRegistrationClient(dial(t, r.drv.RegistrationSocket())).GetInfo(context.Background(), &registerpb.InfoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(info.SupportedVersions, "v1.DRAResourceHealth") {
+		t.Errorf("GetInfo lists %v, without the health service", info.SupportedVersions)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stream, err := healthpb.NewDRAResourceHealthClient(dial(t, r.drv.DRASocket())).NodeWatchResources(ctx, &healthpb.NodeWatchResourcesRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(first.Devices) != 8 {
+		t.Fatalf("%d devices, want 8", len(first.Devices))
+	}
+	for _, d := range first.Devices {
+		if d.Health != healthpb.HealthStatus_HEALTHY || d.Device.PoolName != node || d.HealthCheckTimeoutSeconds != 30 || d.LastUpdatedTime == 0 {
+			t.Errorf("device %+v", d)
+		}
+	}
+	g := r.inv.GPUs[6]
+	dev := "gpu-" + itoa(int64(g.Minor))
+	r.health.SetUnhealthy(g.UUID, health.XIDReason(48))
+	for {
+		next, err := stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		i := slices.IndexFunc(next.Devices, func(d *healthpb.DeviceHealth) bool { return d.Device.DeviceName == dev })
+		if i >= 0 && next.Devices[i].Health == healthpb.HealthStatus_UNHEALTHY {
+			if !strings.Contains(next.Devices[i].Message, "XID 48") {
+				t.Errorf("message %q, want the reason", next.Devices[i].Message)
+			}
+			break
+		}
+	}
+	// Stopping the driver ends the stream (the kubelet reconnects to the
+	// next daemon).
+	r.stop()
+	for {
+		if _, err := stream.Recv(); err != nil {
+			break
 		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	healthpb "k8s.io/kubelet/pkg/apis/dra-health/v1"
 	drapb "k8s.io/kubelet/pkg/apis/dra/v1"
 	registerpb "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 )
@@ -38,6 +39,7 @@ func (d *Driver) listen() (*servers, error) {
 	}
 	s := &servers{d: d, dra: grpc.NewServer(), register: grpc.NewServer(), done: make(chan struct{})}
 	drapb.RegisterDRAPluginServer(s.dra, &draService{d: d})
+	healthpb.RegisterDRAResourceHealthServer(s.dra, &healthService{d: d})
 	registerpb.RegisterRegistrationServer(s.register, &registrationService{d: d})
 	served := make(chan struct{}, 2)
 	for _, p := range []struct {
@@ -65,6 +67,7 @@ func (s *servers) stop() {
 			s.d.log.Warn("cannot remove a DRA socket", "socket", p, "err", err)
 		}
 	}
+	close(s.d.stopping) // ends the health streams, which GracefulStop waits for
 	stopped := make(chan struct{})
 	go func() { s.register.GracefulStop(); s.dra.GracefulStop(); close(stopped) }()
 	select {
@@ -103,7 +106,7 @@ func (r *registrationService) GetInfo(context.Context, *registerpb.InfoRequest) 
 		Type:              registerpb.DRAPlugin,
 		Name:              DriverName,
 		Endpoint:          r.d.DRASocket(),
-		SupportedVersions: []string{drapb.DRAPluginService},
+		SupportedVersions: []string{drapb.DRAPluginService, healthpb.DRAResourceHealthService},
 	}, nil
 }
 

@@ -11,6 +11,7 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 	resourcev1 "k8s.io/api/resource/v1"
+	"k8s.io/klog/v2"
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 )
 
@@ -127,6 +128,11 @@ func TestDRAThroughKubelet(t *testing.T) {
 	t.Logf("XID → taint in the API: %s", time.Since(start))
 	if tn := sliceDevice(s, dev).Taints[0]; tn.Effect != resourcev1.DeviceTaintEffectNoSchedule {
 		t.Errorf("taint effect %s", tn.Effect)
+	}
+	// The kubelet hears it over the DRA health service, and shows it in the
+	// status of the pod using the device.
+	if err := poll(10*time.Second, func() bool { return podDeviceHealth(k, podA) == "Unhealthy" }); err != nil {
+		t.Errorf("pod a's container status shows device health %q, want Unhealthy", podDeviceHealth(k, podA))
 	}
 	p.d.Health().SetHealthy(g.UUID, "test: recovered")
 	k.waitSlices("the taint gone", func(s []resourcev1.ResourceSlice) bool {
@@ -262,4 +268,17 @@ func TestDRALiveModeSwitch(t *testing.T) {
 	p.d.Reload()
 	kd.waitSlices("no slice", func(s []resourcev1.ResourceSlice) bool { return len(s) == 0 })
 	kp.waitCapacity("nvidia.com/gpu", counts{Capacity: 8, Allocatable: 8})
+}
+
+// podDeviceHealth is the health the kubelet would write into the pod's
+// container status for its claimed devices ("" if none).
+func podDeviceHealth(k *draKubelet, pod *v1.Pod) string {
+	st := &v1.PodStatus{ContainerStatuses: []v1.ContainerStatus{{Name: containerName}}}
+	k.manager().UpdateAllocatedResourcesStatus(klog.Background(), pod, st)
+	for _, rs := range st.ContainerStatuses[0].AllocatedResourcesStatus {
+		for _, r := range rs.Resources {
+			return string(r.Health)
+		}
+	}
+	return ""
 }
