@@ -48,12 +48,16 @@ type Daemon struct {
 	// (applyQuarantine, health.go).
 	quarantineWarnings []string
 	plugins            *plugin.Manager
-	mps                *mps.Manager // MPS control daemons for sharing.mps (mps.go)
-	dra                *dra.Driver  // the DRA kubelet plugin; nil unless the allocation mode uses DRA (dra.go)
-	http               *httpServer
-	rl                 *reloader             // live config reloads, GPU re-scans, node labels (reload.go)
-	simRoot            string                // a simulated node's laid-out driver root (cdi.go)
-	adv                *advert.Advertisement // what the node publishes at start; the reloader owns it after
+	mps                *mps.Manager // MPS control daemons for sharing.mps and DRA claims (mps.go)
+	// mpsMu orders the MPS manager's Apply calls; mpsForPlugin are the
+	// device plugin's daemons last applied.
+	mpsMu        sync.Mutex
+	mpsForPlugin []mps.Spec
+	dra          *dra.Driver // the DRA kubelet plugin; nil unless the allocation mode uses DRA (dra.go)
+	http         *httpServer
+	rl           *reloader             // live config reloads, GPU re-scans, node labels (reload.go)
+	simRoot      string                // a simulated node's laid-out driver root (cdi.go)
+	adv          *advert.Advertisement // what the node publishes at start; the reloader owns it after
 
 	tel *telemetryParts // sampler, pod attribution, DCGM_* metrics (telemetry.go)
 	// nodeHealth publishes GPU health to the API server; nil unless

@@ -33,6 +33,9 @@ func (d *Daemon) newDRA() error {
 		API:          d.kube,
 		Health:       d.health,
 		Logger:       d.log.With("component", "dra"),
+		MPSRoot:      d.cfg.MPSRoot(),
+		OnMPSChange:  d.reapplyMPS,
+		MPSReady:     func(resource string) bool { return d.mps.Ready(resource) },
 	})
 	if err != nil {
 		return fmt.Errorf("--allocation-mode=%s: %w", d.cfg.AllocationMode(), err)

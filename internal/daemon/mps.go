@@ -133,9 +133,29 @@ func (d *Daemon) advertised(rs []*sharing.Resource) []*sharing.Resource {
 	return out
 }
 
-// applyMPS asks for the daemons the advertisement needs.
+// applyMPS asks for the daemons the advertisement needs, and those of the
+// DRA claims shared through MPS.
 func (d *Daemon) applyMPS(cfg *config.Config, a *advert.Advertisement) {
-	d.mps.Apply(mps.Specs(cfg.MPSRoot(), a.Resources, a.Inventory))
+	d.mpsMu.Lock()
+	defer d.mpsMu.Unlock()
+	d.mpsForPlugin = mps.Specs(cfg.MPSRoot(), a.Resources, a.Inventory)
+	d.mps.Apply(d.mpsSpecs())
+}
+
+// reapplyMPS asks again after the DRA claims' MPS daemons changed.
+func (d *Daemon) reapplyMPS() {
+	d.mpsMu.Lock()
+	defer d.mpsMu.Unlock()
+	d.mps.Apply(d.mpsSpecs())
+}
+
+// mpsSpecs are every daemon wanted. Call with mpsMu held.
+func (d *Daemon) mpsSpecs() []mps.Spec {
+	specs := slices.Clone(d.mpsForPlugin)
+	if d.dra != nil {
+		specs = append(specs, d.dra.MPSSpecs()...)
+	}
+	return specs
 }
 
 // MPS is the MPS control daemon manager.

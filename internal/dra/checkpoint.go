@@ -19,6 +19,8 @@ type preparedClaim struct {
 	Name      string           `json:"name"`
 	Devices   []preparedDevice `json:"devices"`
 	Prepared  time.Time        `json:"prepared"`
+	// MPS is set for a claim shared through MPS: its daemon's settings.
+	MPS *claimMPS `json:"mps,omitempty"`
 }
 
 // preparedDevice is one allocation result of a claim as prepared.

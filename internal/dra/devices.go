@@ -17,6 +17,11 @@ type device struct {
 	// and for a MIG device its parent too.
 	units []string
 	slice kube.SliceDevice // without taints
+	// gpuIndex and memory are a whole GPU's (for an MPS daemon); mig is
+	// set for a MIG device.
+	gpuIndex int
+	memory   uint64
+	mig      bool
 }
 
 // Standard attribute names (k8s.io/dynamic-resource-allocation/deviceattribute).
@@ -43,7 +48,8 @@ func describe(inv *nvml.Inventory, units []string) []device {
 			continue
 		}
 		if offered[g.UUID] && !g.MIGEnabled {
-			out = append(out, device{name: fmt.Sprintf("gpu-%d", g.Minor), uuid: g.UUID, units: []string{g.UUID}, slice: gpuDevice(inv, g)})
+			out = append(out, device{name: fmt.Sprintf("gpu-%d", g.Minor), uuid: g.UUID, units: []string{g.UUID}, slice: gpuDevice(inv, g),
+				gpuIndex: g.Index, memory: g.MemoryBytes})
 		}
 		for j := range g.MIGDevices {
 			m := &g.MIGDevices[j]
@@ -51,7 +57,7 @@ func describe(inv *nvml.Inventory, units []string) []device {
 				continue
 			}
 			name := fmt.Sprintf("gpu-%d-mig-%s-%d-%d", g.Minor, profileName(m.Profile), m.GPUInstanceID, m.ComputeInstanceID)
-			out = append(out, device{name: name, uuid: m.UUID, units: []string{g.UUID, m.UUID}, slice: migDevice(inv, g, m, name)})
+			out = append(out, device{name: name, uuid: m.UUID, units: []string{g.UUID, m.UUID}, slice: migDevice(inv, g, m, name), mig: true})
 		}
 	}
 	return out

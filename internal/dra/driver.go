@@ -59,6 +59,14 @@ type Options struct {
 	API    API
 	Health *health.State
 	Logger *slog.Logger
+
+	// MPSRoot is --mps-root: claims shared through MPS get their daemon's
+	// directories under it ("": such claims are refused). OnMPSChange is
+	// called when the claims' MPS daemons (MPSSpecs) change, and MPSReady
+	// reports whether a daemon (by MPSResource) is ready.
+	MPSRoot     string
+	OnMPSChange func()
+	MPSReady    func(resource string) bool
 }
 
 // Driver is the DRA side of the node.
@@ -208,13 +216,13 @@ func (d *Driver) rewriteSpecs() {
 	d.prepMu.Lock()
 	defer d.prepMu.Unlock()
 	d.mu.Lock()
-	claims := make(map[string][]preparedDevice, len(d.claims))
+	claims := make(map[string]preparedClaim, len(d.claims))
 	for uid, c := range d.claims {
-		claims[uid] = c.Devices
+		claims[uid] = *c
 	}
 	d.mu.Unlock()
-	for uid, devs := range claims {
-		if err := d.writeSpec(uid, devs); err != nil {
+	for uid, c := range claims {
+		if err := d.writeSpec(uid, c.Devices, c.MPS); err != nil {
 			d.log.Error("cannot rewrite a prepared claim's CDI spec", "uid", uid, "err", err)
 		}
 	}

@@ -178,7 +178,8 @@ func TestOpaqueConfig(t *testing.T) {
 		{"no sharing", `{"apiVersion":"resource.nvidia.com/v1beta1","kind":"GpuConfig"}`, ""},
 		{"time-slicing default", `{"apiVersion":"resource.nvidia.com/v1beta1","kind":"GpuConfig","sharing":{"strategy":"TimeSlicing","timeSlicingConfig":{"interval":"Default"}}}`, ""},
 		{"time-slicing long", `{"apiVersion":"resource.nvidia.com/v1beta1","kind":"GpuConfig","sharing":{"strategy":"TimeSlicing","timeSlicingConfig":{"interval":"Long"}}}`, "interval Long is not supported"},
-		{"mps", `{"apiVersion":"resource.nvidia.com/v1beta1","kind":"GpuConfig","sharing":{"strategy":"MPS"}}`, "MPS is not supported for DRA claims yet"},
+		{"mps without an MPS root", `{"apiVersion":"resource.nvidia.com/v1beta1","kind":"GpuConfig","sharing":{"strategy":"MPS"}}`, "asks for MPS sharing, but this daemon has no MPS root"},
+		{"mps on MIG", `{"apiVersion":"resource.nvidia.com/v1beta1","kind":"MigDeviceConfig","sharing":{"strategy":"MPS"}}`, "MPS sharing is for whole GPUs"},
 		{"unknown field", `{"apiVersion":"resource.nvidia.com/v1beta1","kind":"GpuConfig","sharng":{}}`, `unknown field "sharng"`},
 		{"other kind", `{"apiVersion":"resource.nvidia.com/v1beta1","kind":"VfioDeviceConfig"}`, "is not a configuration of this driver"},
 	} {

@@ -25,6 +25,10 @@ type Spec struct {
 	Resource string // e.g. nvidia.com/gpu
 	Replicas int    // per GPU
 	GPUs     []GPU  // in NVML index order; CUDA_VISIBLE_DEVICES lists them so
+	// ThreadPercent and Limits, when set, replace what Replicas implies:
+	// a DRA claim's mpsConfig names them.
+	ThreadPercent int
+	Limits        []Limit
 }
 
 // GPU is one GPU a daemon serves.
@@ -43,6 +47,9 @@ type Limit struct {
 // ThreadPercentage is set_default_active_thread_percentage: each client's
 // share of the SMs, 100 / replicas as NVIDIA's daemon computes it.
 func (s Spec) ThreadPercentage() int {
+	if s.ThreadPercent > 0 {
+		return s.ThreadPercent
+	}
 	if s.Replicas < 1 {
 		return 100
 	}
@@ -55,6 +62,9 @@ func (s Spec) ThreadPercentage() int {
 // CUDA_VISIBLE_DEVICES (the daemon sees only its GPUs, in this order); with
 // every GPU shared that is the NVML index NVIDIA's daemon uses.
 func (s Spec) PinnedLimits() []Limit {
+	if s.Limits != nil {
+		return s.Limits
+	}
 	var out []Limit
 	for i, g := range s.GPUs {
 		if g.MemoryBytes == 0 || s.Replicas < 1 {
@@ -76,7 +86,8 @@ func (s Spec) VisibleDevices() string {
 
 // Equal reports whether two specs need the same daemon.
 func (s Spec) Equal(o Spec) bool {
-	return s.Root == o.Root && s.Resource == o.Resource && s.Replicas == o.Replicas && slices.Equal(s.GPUs, o.GPUs)
+	return s.Root == o.Root && s.Resource == o.Resource && s.Replicas == o.Replicas && slices.Equal(s.GPUs, o.GPUs) &&
+		s.ThreadPercent == o.ThreadPercent && slices.Equal(s.Limits, o.Limits)
 }
 
 // Specs derives the daemons the resources need: one per resource shared

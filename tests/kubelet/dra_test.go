@@ -1,6 +1,7 @@
 package kubelet
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -11,8 +12,12 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 	resourcev1 "k8s.io/api/resource/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/klog/v2"
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
+
+	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
 // draDaemon starts the daemon in an allocation mode against the real
@@ -281,4 +286,76 @@ func podDeviceHealth(k *draKubelet, pod *v1.Pod) string {
 		}
 	}
 	return ""
+}
+
+// TestDRAMPSClaim: a claim shared through MPS (NVIDIA's GpuConfig with
+// sharing.strategy MPS) gets its own supervised MPS control daemon with
+// the claim's limits, and its containers the daemon's pipe directory and
+// shared memory; unpreparing the claim quits the daemon.
+func TestDRAMPSClaim(t *testing.T) {
+	requireKubeletNamespace(t)
+	tmp := t.TempDir()
+	reg, plugins := filepath.Join(tmp, "registry"), filepath.Join(tmp, "plugins")
+	root := mpsRoot(t)
+	k := startDRAKubelet(t, reg)
+	p := draDaemon(t, k, reg, plugins, "--allocation-mode=dra", "--mps-root="+root, "--mps-control-binary="+testkit.FakeMPSControl(t))
+	k.waitRegistered(draDriver)
+	k.waitSlices("8 GPUs", func(s []resourcev1.ResourceSlice) bool { return deviceCount(s) == 8 })
+	inv := p.d.Inventory()
+	a, b := fmt.Sprintf("gpu-%d", inv.GPUs[2].Minor), fmt.Sprintf("gpu-%d", inv.GPUs[5].Minor)
+	c := k.claim(draNamespace, "mps", draResult(a), draResult(b))
+	c.Status.Allocation.Devices.Config = []resourcev1.DeviceAllocationConfiguration{{
+		Source: resourcev1.AllocationConfigSourceClaim,
+		DeviceConfiguration: resourcev1.DeviceConfiguration{Opaque: &resourcev1.OpaqueDeviceConfiguration{
+			Driver: draDriver,
+			Parameters: runtime.RawExtension{Raw: []byte(`{"apiVersion":"resource.nvidia.com/v1beta1","kind":"GpuConfig","sharing":{"strategy":"MPS",` +
+				`"mpsConfig":{"defaultActiveThreadPercentage":30,"defaultPinnedDeviceMemoryLimit":"10Gi","defaultPerDevicePinnedMemoryLimit":{"1":"4Gi"}}}}`)},
+		}},
+	}}
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	if _, err := k.client.ResourceV1().ResourceClaims(draNamespace).UpdateStatus(ctx, c, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	dirs := filepath.Join(root, "dra", string(c.UID))
+	pipe := filepath.Join(dirs, "pipe")
+	t.Cleanup(func() {
+		if err := testkit.KillFakeMPS(pipe); err != nil {
+			t.Errorf("killing a fake MPS control daemon left behind: %v", err)
+		}
+	})
+	pod := k.pod("mps-pod", "mps")
+	if err := k.prepare(pod); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(pipe, "control")); err != nil {
+		t.Fatalf("the claim's MPS control daemon is not serving after prepare: %v", err)
+	}
+	names := k.cdiDevices(pod, containerName)
+	spec, err := p.injectCDI(names...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(spec.Process.Env, "CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps") {
+		t.Errorf("env %v, want CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps", spec.Process.Env)
+	}
+	mounts := map[string]string{}
+	for _, m := range spec.Mounts {
+		mounts[m.Destination] = m.Source
+	}
+	if mounts["/tmp/nvidia-mps"] != pipe || mounts["/dev/shm"] != filepath.Join(root, "shm") {
+		t.Errorf("mounts %v, want the pipe %s and %s/shm", mounts, pipe, root)
+	}
+	log := readControlLog(t, filepath.Join(dirs, "log", "control.log"))
+	for _, want := range []string{"set_default_device_pinned_mem_limit 0 10240M", "set_default_device_pinned_mem_limit 1 4096M", "set_default_active_thread_percentage 30"} {
+		if !slices.Contains(log.cmds, want) {
+			t.Errorf("the daemon got %q, missing %q", log.cmds, want)
+		}
+	}
+	if err := k.unprepare(pod); err != nil {
+		t.Fatal(err)
+	}
+	if err := poll(15*time.Second, func() bool { _, err := os.Stat(filepath.Join(pipe, "control")); return os.IsNotExist(err) }); err != nil {
+		t.Errorf("the claim's MPS daemon still serves after unprepare")
+	}
 }
