@@ -54,6 +54,9 @@ func (d *Daemon) newHTTPServer() (*httpServer, error) {
 	if d.mps != nil {
 		h.registry.MustRegister(d.mps) // MPS control daemons (mps.go)
 	}
+	if d.dra != nil {
+		h.registry.MustRegister(d.dra) // the DRA plugin (dra.go)
+	}
 	// DCGM_*, the sampler, pod attribution, plugin and NVML counters (telemetry.go).
 	h.registry.MustRegister(d.telemetryCollectors()...)
 	mux := http.NewServeMux()

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	healthpb "k8s.io/kubelet/pkg/apis/dra-health/v1"
 	registerpb "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 
@@ -201,5 +203,34 @@ func TestHealthStream(t *testing.T) {
 		if _, err := stream.Recv(); err != nil {
 			break
 		}
+	}
+}
+
+// TestMetrics: the plugin's state as metrics, as a scrape reads them.
+func TestMetrics(t *testing.T) {
+	r := newRig(t, "dgx-h100")
+	waitFor(t, "the slice", func() bool { return r.api.slice() != nil })
+	r.health.SetUnhealthy(r.inv.GPUs[0].UUID, health.XIDReason(48))
+	r.prepare(r.claim("m", "uid-m", "gpu-"+itoa(int64(r.inv.GPUs[1].Minor))))
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(r.drv)
+	waitFor(t, "the metrics", func() bool {
+		got, err := testutil.GatherAndCount(reg)
+		return err == nil && got == 6
+	})
+	want := `
+# HELP gpu_plugin_dra_devices Devices offered through DRA in the node's ResourceSlice, by health (unhealthy ones carry a device taint, or are left out where the API server drops taints).
+# TYPE gpu_plugin_dra_devices gauge
+gpu_plugin_dra_devices{health="healthy"} 7
+gpu_plugin_dra_devices{health="unhealthy"} 1
+# HELP gpu_plugin_dra_prepared_claims ResourceClaims prepared on this node (in the checkpoint).
+# TYPE gpu_plugin_dra_prepared_claims gauge
+gpu_plugin_dra_prepared_claims 1
+# HELP gpu_plugin_dra_slice_published 1 when the last attempt to publish the node's ResourceSlice succeeded; 0 while it fails (the reason is in /debug/devices and the log).
+# TYPE gpu_plugin_dra_slice_published gauge
+gpu_plugin_dra_slice_published 1
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "gpu_plugin_dra_devices", "gpu_plugin_dra_prepared_claims", "gpu_plugin_dra_slice_published"); err != nil {
+		t.Error(err)
 	}
 }
