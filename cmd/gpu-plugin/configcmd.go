@@ -8,6 +8,7 @@ import (
 
 	"sigs.k8s.io/yaml"
 
+	"github.com/gpu-plugin/gpu-plugin/internal/advert"
 	"github.com/gpu-plugin/gpu-plugin/internal/config"
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
 	"github.com/gpu-plugin/gpu-plugin/internal/sharing"
@@ -112,15 +113,24 @@ func describeResources(cfg *config.Config, stderr io.Writer) (string, int, error
 	if err != nil {
 		return "", 0, err
 	}
-	plan, err := sharing.NewPlan(inv, sharing.OptionsFrom(cfg))
+	var draUnits, warnings []string
+	pluginInv := inv
+	if cfg.UsesDRA() {
+		draUnits, pluginInv, warnings = advert.SplitForDRA(inv, cfg)
+	}
+	plan, err := sharing.NewPlan(pluginInv, sharing.OptionsFrom(cfg))
 	if err != nil {
 		return "", 0, fmt.Errorf("on simulated node %s: %w", p.Name, err)
 	}
-	for _, w := range plan.Warnings {
+	warnings = append(warnings, plan.Warnings...)
+	for _, w := range warnings {
 		fmt.Fprintf(stderr, "warning: %s\n", w)
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "# resources on simulated node %s:\n", p.Name)
+	if cfg.UsesDRA() {
+		fmt.Fprintf(&b, "#   DRA (driver gpu.nvidia.com, --allocation-mode=%s): %d devices%s\n", cfg.AllocationMode(), len(draUnits), describeUnits(inv, draUnits))
+	}
 	for _, r := range plan.Resources {
 		physical := map[string]bool{}
 		for _, d := range r.Devices {
@@ -145,5 +155,27 @@ func describeResources(cfg *config.Config, stderr io.Writer) (string, int, error
 		}
 		fmt.Fprintln(&b, line)
 	}
-	return b.String(), len(plan.Warnings), nil
+	return b.String(), len(warnings), nil
+}
+
+// describeUnits names GPUs and MIG devices by index and profile:
+// " (GPU 0, GPU 1, MIG 1g.10gb on GPU 2)".
+func describeUnits(inv *nvml.Inventory, units []string) string {
+	if len(units) == 0 {
+		return ""
+	}
+	var names []string
+	for _, u := range units {
+		for _, g := range inv.GPUs {
+			if g.UUID == u {
+				names = append(names, fmt.Sprintf("GPU %d", g.Index))
+			}
+			for _, m := range g.MIGDevices {
+				if m.UUID == u {
+					names = append(names, fmt.Sprintf("MIG %s on GPU %d", m.Profile, g.Index))
+				}
+			}
+		}
+	}
+	return " (" + strings.Join(names, ", ") + ")"
 }

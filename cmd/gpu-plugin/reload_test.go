@@ -118,3 +118,34 @@ sharing:
 		t.Errorf("a devices entry matching nothing: exit %d, %q", code, errOut)
 	}
 }
+
+// TestConfigCheckDRA: config check shows what a split node offers through
+// each API, and names a devices entry that matches nothing.
+func TestConfigCheckDRA(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "config.yaml")
+	doc := "version: v1\nflags:\n  migStrategy: mixed\ndra:\n  mode: split\n  devices: [0, 5, GPU-nope]\n"
+	if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut := runCmd(t, nil, "config", "check", path, "--simulate=dgx-a100-mig")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	for _, want := range []string{
+		"#   DRA (driver gpu.nvidia.com, --allocation-mode=split): 8 devices (MIG 1g.5gb on GPU 0, " +
+			"MIG 1g.5gb on GPU 0, MIG 1g.5gb on GPU 0, MIG 1g.5gb on GPU 0, MIG 1g.5gb on GPU 0, MIG 1g.5gb on GPU 0, MIG 1g.5gb on GPU 0, GPU 5)",
+		"#   nvidia.com/gpu: 2",
+		"#   nvidia.com/mig-1g.5gb: 2",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("config check output lacks %q:\n%s", want, out)
+		}
+	}
+	if !strings.Contains(errOut, `warning: dra.devices / --dra-devices entry "GPU-nope" matches no GPU or MIG device on this node`) {
+		t.Errorf("the entry matching nothing is not named: %q", errOut)
+	}
+	code, _, errOut = runCmd(t, nil, "config", "check", path, "--allocation-mode=dra")
+	if code == 0 || !strings.Contains(errOut, "dra.devices") || !strings.Contains(errOut, "only in split mode") {
+		t.Errorf("devices outside split mode: exit %d, %q", code, errOut)
+	}
+}

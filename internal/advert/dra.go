@@ -23,6 +23,13 @@ func draUnits(g *nvml.GPU) []string {
 	return []string{g.UUID}
 }
 
+// SplitForDRA is splitForDRA for a config check: which units go to DRA,
+// and the inventory left to the device plugin, with no device in use.
+func SplitForDRA(inv *nvml.Inventory, cfg *config.Config) (dra []string, left *nvml.Inventory, warnings []string) {
+	dra, _, left, warnings = splitForDRA(inv, cfg, Env{})
+	return dra, left, warnings
+}
+
 // splitForDRA decides which units the node offers through DRA under cfg's
 // allocation mode, and returns the inventory left to the device plugin.
 // A unit prepared in a claim (env.DRAHeld) is never offered to the device
