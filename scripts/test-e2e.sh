@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The end-to-end node suite: tests/e2e (make e2e). One real node, built from
-# real components under a temporary root: containerd, runc and CNI from
-# Debian's packages; etcd, kube-apiserver, kube-controller-manager,
+# real components under a temporary root: containerd v2 (with CDI) built from
+# its Go module (tests/e2e/containerd/go.mod), runc and CNI from Debian's
+# packages; etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler and the kubelet from k8s.io/kubernetes v1.37.2, linked into
 # one binary (tests/e2e/cmd/e2e-node). The project's image is built from the
 # Dockerfile, unchanged, by buildah, on local stand-ins for its two base
@@ -14,9 +15,9 @@
 # exits 0, except under CI=true, where it fails.
 #
 # Everything it builds is cached in E2E_CACHE (default
-# /var/cache/gpu-plugin-e2e): the e2e-node binary, the stand-in base images'
-# root file systems, buildah's storage and the project image, keyed by the
-# sources it is built from. The node itself runs in private mount, network
+# /var/cache/gpu-plugin-e2e): the e2e-node binary, containerd (one directory
+# per version), the stand-in base images' root file systems, buildah's
+# storage and the project image, keyed by the sources it is built from. The node itself runs in private mount, network
 # and PID namespaces (tests/e2e/nsexec.sh) and leaves nothing running.
 #
 # Extra go test flags come from E2E_TEST_FLAGS, e.g. E2E_TEST_FLAGS="-run 'TestNode/1-install'".
@@ -48,10 +49,11 @@ total_start=$(date +%s)
 [ "$(id -u)" = 0 ] || skip "needs root (mount, network and PID namespaces, cgroups); run as root, e.g. sudo -E make e2e"
 command -v unshare >/dev/null || skip "needs unshare (Debian package util-linux)"
 
-# Debian packages: the runtime, its CNI plugins, a static busybox for the
-# pause and test pod images, buildah for the project image, debootstrap for
-# the build stage's stand-in base image.
-pkgs=(containerd runc containernetworking-plugins busybox-static buildah debootstrap iproute2)
+# Debian packages: runc, the CNI plugins, a static busybox for the pause and
+# test pod images, buildah for the project image, debootstrap for the build
+# stage's stand-in base image. containerd itself is built below: Debian's
+# (1.6) does not apply the CRI CDIDevices field.
+pkgs=(runc containernetworking-plugins busybox-static buildah debootstrap iproute2)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -87,6 +89,40 @@ phase "e2e-node built, go vet"
 (cd prometheus && "${nice_cmd[@]}" go build -o "$cache/bin/prometheus" github.com/prometheus/prometheus/cmd/prometheus)
 export E2E_PROMETHEUS="$cache/bin/prometheus"
 phase "prometheus (module $(sed -n 's/^require github.com\/prometheus\/prometheus //p' prometheus/go.mod)) built"
+# The node's container runtime: containerd, containerd-shim-runc-v2 and ctr from the Go module pinned
+# in containerd/go.mod, as containerd's own Makefile builds them (the shim static, without cgo). Debian's
+# containerd 1.6 ignores the CRI CDIDevices field, which carries the CDI devices of a device plugin
+# (cdi-cri) and of DRA; v2 applies it. Built once per version and go.sum into its own directory of the
+# cache, so a warm run runs no go command here. Cold ~3 min on 2 cores. E2E_CONTAINERD names another
+# directory with the three (a containerd 2.x: the node writes a version 3 config) instead.
+ctrd_module=github.com/containerd/containerd/v2
+ctrd_version=$(sed -n 's/^require github.com\/containerd\/containerd\/v2 //p' containerd/go.mod)
+[ -n "$ctrd_version" ] || { echo "tests/e2e/containerd/go.mod requires no $ctrd_module" >&2; exit 1; }
+ctrd_dir="$cache/containerd-$ctrd_version-$(cat containerd/go.mod containerd/go.sum | sha256sum | cut -c1-12)"
+if [ -n "${E2E_CONTAINERD:-}" ]; then
+	ctrd_dir=$E2E_CONTAINERD
+	ctrd_version="$("$ctrd_dir/containerd" --version | awk '{print $3}') from E2E_CONTAINERD"
+elif [ ! -f "$ctrd_dir/.complete" ]; then
+	echo "e2e: building containerd $ctrd_version (cold ~3 min)"
+	rm -rf "$ctrd_dir.tmp"
+	mkdir -p "$ctrd_dir.tmp"
+	ctrd_ldflags="-X $ctrd_module/version.Version=$ctrd_version -X $ctrd_module/version.Package=$ctrd_module"
+	(
+		cd containerd
+		"${nice_cmd[@]}" go build -tags urfave_cli_no_docs -ldflags "$ctrd_ldflags" -o "$ctrd_dir.tmp/containerd" "$ctrd_module/cmd/containerd"
+		CGO_ENABLED=0 "${nice_cmd[@]}" go build -tags "urfave_cli_no_docs no_grpc" -ldflags "$ctrd_ldflags" -o "$ctrd_dir.tmp/containerd-shim-runc-v2" "$ctrd_module/cmd/containerd-shim-runc-v2"
+		"${nice_cmd[@]}" go build -tags urfave_cli_no_docs -ldflags "$ctrd_ldflags" -o "$ctrd_dir.tmp/ctr" "$ctrd_module/cmd/ctr"
+	)
+	touch "$ctrd_dir.tmp/.complete"
+	rm -rf "$ctrd_dir"
+	mv "$ctrd_dir.tmp" "$ctrd_dir"
+	# Earlier versions' builds: ~110 MB each.
+	for d in "$cache"/containerd-*; do
+		[ "$d" = "$ctrd_dir" ] || rm -rf "$d"
+	done
+fi
+export E2E_CONTAINERD="$ctrd_dir"
+phase "containerd $ctrd_version ($ctrd_dir)"
 
 # 2. The project image, from the Dockerfile, by buildah.
 # shellcheck source=tests/e2e/image.sh

@@ -43,11 +43,11 @@ step "real kubelet device manager conformance and the real NVML path on the fake
 step "install assets: manifests, chart, alerts, dashboard, Dockerfile, README (tests/deploy)"
 ./scripts/test-deploy.sh
 
-# A nested module: one real node (etcd, API server, controller-manager, scheduler, kubelet; containerd,
-# runc, CNI from Debian), the image built from the Dockerfile by buildah, the chart and the static
-# manifest installed, GPU pods run. Needs root; without it, one SKIP line (under CI=true, a failure).
-# Cold ~35 min on 2 cores (the node binary alone ~15 min), warm ~3 min; SKIP_E2E=1 leaves it out
-# of a local run.
+# A nested module: one real node (etcd, API server, controller-manager, scheduler, kubelet; containerd
+# v2 built from its Go module; runc, CNI from Debian), the image built from the Dockerfile by buildah,
+# the chart and the static manifest installed, GPU pods run. Needs root; without it, one SKIP line
+# (under CI=true, a failure). Cold ~40 min on 2 cores (the node binary alone ~15 min, containerd ~3),
+# warm ~6 min; SKIP_E2E=1 leaves it out of a local run.
 if [ "${SKIP_E2E:-}" = 1 ] && [ "${CI:-}" != true ]; then
 	step "end-to-end node (tests/e2e): SKIPPED (SKIP_E2E=1)"
 else

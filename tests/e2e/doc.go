@@ -4,10 +4,13 @@
 // container runtime.
 //
 // Run it with scripts/test-e2e.sh (make e2e), as root. The script installs
-// the Debian packages it needs (containerd, runc, containernetworking-plugins,
+// the Debian packages it needs (runc, containernetworking-plugins,
 // busybox-static, buildah, debootstrap, iproute2), builds cmd/e2e-node (etcd
 // and kube-apiserver, kube-controller-manager, kube-scheduler and kubelet
-// from k8s.io/kubernetes, in one binary), builds the project's image from
+// from k8s.io/kubernetes, in one binary), builds the node's container
+// runtime, containerd v2 with its runc shim and ctr, from the module pinned in
+// containerd/go.mod (CDI: Debian's containerd 1.6 ignores the CRI
+// CDIDevices field, v2 applies it), builds the project's image from
 // the Dockerfile with buildah on local stand-in base images (image.sh), and
 // runs TestNode through nsexec.sh: private mount, network and PID
 // namespaces, so that the kubelet's fixed paths (/var/lib/kubelet/…), the
@@ -17,8 +20,14 @@
 // `go test ./...` here never starts a node.
 //
 // TestNode runs issue 18's scenarios in order on one node, each asserted
-// and timed (the timings are printed at the end): 1 install, 2 GPU pods
-// and quota, 3 time-slicing through the chart's ConfigMap, 3b per-node
+// and timed (the timings are printed at the end): 1 install, 1b the
+// control plane's DRA parts with a stand-in driver's ResourceSlice
+// (dracontrolplane_test.go: resource.k8s.io/v1 served, the resourceclaim and
+// device-taint-eviction controllers running, a device taint kept, a claim
+// from a template refused for the taint and allocated with a toleration),
+// 2 GPU pods and quota, 2b the cdi-cri device list strategy (cdi_test.go: a
+// GPU pod gets exactly its spec's device nodes, mounts, environment and
+// hooks from CDI names alone), 3 time-slicing through the chart's ConfigMap, 3b per-node
 // configs picked by the node label (nodeconfig_test.go), 3c the node
 // labels as an NFD NodeFeature object (nodefeature_test.go), 4 Prometheus with
 // README's scrape job (a Prometheus built from the module in prometheus/,

@@ -105,7 +105,9 @@ func TestNode(t *testing.T) {
 		run  func(t *testing.T)
 	}{
 		{"1-install", s.install},
+		{"1b-dra-control-plane", s.draControlPlane},
 		{"2-gpu-pod", s.gpuPodScenario},
+		{"2b-cdi-cri", s.cdiCRI},
 		{"3-time-slicing", s.timeSlicing},
 		{"3b-per-node-config", s.perNodeConfig},
 		{"3c-node-feature-api", s.nodeFeatureAPI},

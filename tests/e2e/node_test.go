@@ -45,6 +45,9 @@ const (
 	gpuResource = corev1.ResourceName("nvidia.com/gpu")
 	pauseImage  = "registry.k8s.io/pause:3.10"
 	podImage    = "e2e.local/busybox:1"
+	// cdiSpecDir is where containerd reads CDI specs, and where the chart's
+	// daemon writes them (its --cdi-spec-dir and hostPath default).
+	cdiSpecDir = "/var/run/cdi"
 )
 
 // env is what scripts/test-e2e.sh hands the suite.
@@ -53,6 +56,7 @@ type env struct {
 	nodeBin      string // the e2e-node multi-call binary (cmd/e2e-node)
 	cgroupRoot   string // the kubelet's cgroupRoot, created by the script in every v1 hierarchy
 	busybox      string // a static busybox, for the pause and test pod images
+	containerd   string // the directory of containerd, containerd-shim-runc-v2 and ctr (containerd/go.mod's version)
 	imageArchive string // the project image, a docker-archive tarball
 	image        string // its name:tag
 	imageOrigin  string // how it was built, for the test output
@@ -81,6 +85,7 @@ func loadEnv(t *testing.T) env {
 		nodeBin:      os.Getenv("E2E_NODE_BIN"),
 		cgroupRoot:   os.Getenv("E2E_CGROUP_ROOT"),
 		busybox:      os.Getenv("E2E_BUSYBOX"),
+		containerd:   os.Getenv("E2E_CONTAINERD"),
 		imageArchive: os.Getenv("E2E_IMAGE_ARCHIVE"),
 		image:        os.Getenv("E2E_IMAGE"),
 		imageOrigin:  os.Getenv("E2E_IMAGE_ORIGIN"),
@@ -90,7 +95,7 @@ func loadEnv(t *testing.T) env {
 		mpsControl:      os.Getenv("E2E_MPS_CONTROL"),
 	}
 	for name, v := range map[string]string{"E2E_ROOT": e.root, "E2E_NODE_BIN": e.nodeBin, "E2E_CGROUP_ROOT": e.cgroupRoot,
-		"E2E_BUSYBOX": e.busybox, "E2E_IMAGE_ARCHIVE": e.imageArchive, "E2E_IMAGE": e.image,
+		"E2E_BUSYBOX": e.busybox, "E2E_CONTAINERD": e.containerd, "E2E_IMAGE_ARCHIVE": e.imageArchive, "E2E_IMAGE": e.image,
 		"E2E_MPS_IMAGE_ARCHIVE": e.mpsImageArchive, "E2E_MPS_IMAGE": e.mpsImage, "E2E_MPS_CONTROL": e.mpsControl} {
 		if v == "" {
 			t.Fatalf("%s is not set: run the suite through scripts/test-e2e.sh", name)
@@ -335,7 +340,8 @@ func startNode(t *testing.T, e env) *node {
 	t1 := time.Now()
 	n.startContainerd(t)
 	n.importImages(t)
-	t.Logf("containerd ready and images imported in %s (project image: %s, %s)", time.Since(t1).Round(time.Millisecond), e.image, e.imageOrigin)
+	t.Logf("containerd ready and images imported in %s (project image: %s, %s); runtime: %s, %s", time.Since(t1).Round(time.Millisecond),
+		e.image, e.imageOrigin, firstLine(filepath.Join(e.containerd, "containerd"), "--version"), firstLine("runc", "--version"))
 
 	n.startKubelet(t)
 	t2 := time.Now()
@@ -470,33 +476,48 @@ func (n *node) startContainerd(t *testing.T) {
 }
 `
 	write(t, n.path("cni", "net.d", "10-e2e.conflist"), cni)
-	// restrict_oom_score_adj: runc cannot lower a sandbox's oom_score_adj
-	// without CAP_SYS_RESOURCE, which CI machines lack.
-	config := `version = 2
+	// CDI specs: the node's own /var/run/cdi (under the private /run), made
+	// now so that containerd watches it from the start; the machine's
+	// /etc/cdi is not the node's, so it is left out of the spec directories.
+	if err := os.MkdirAll(cdiSpecDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// Config version 3 (containerd v2's CRI layout; v2.4 migrates it to its
+	// version 4 in memory). restrict_oom_score_adj: runc cannot lower a
+	// sandbox's oom_score_adj without CAP_SYS_RESOURCE, which CI machines
+	// lack. The runc runtime's SystemdCgroup stays false: cgroupfs, as the
+	// kubelet's cgroupDriver.
+	config := `version = 3
 root = "` + filepath.Join(dir, "root") + `"
 state = "` + filepath.Join(dir, "state") + `"
-disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
 [grpc]
   address = "` + n.ctrdSock + `"
 [ttrpc]
   address = "` + n.ctrdSock + `.ttrpc"
 [plugins."io.containerd.internal.v1.opt"]
   path = "` + filepath.Join(dir, "opt") + `"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "` + pauseImage + `"
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "` + pauseImage + `"
+[plugins."io.containerd.cri.v1.runtime"]
   restrict_oom_score_adj = true
   netns_mounts_under_state_dir = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
+  cdi_spec_dirs = ["` + cdiSpecDir + `"]
+  [plugins."io.containerd.cri.v1.runtime".containerd]
     default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["/usr/lib/cni"]
     conf_dir = "` + n.path("cni", "net.d") + `"
 `
 	write(t, filepath.Join(dir, "config.toml"), config)
-	n.start(t, "containerd", "containerd", "--config", filepath.Join(dir, "config.toml"))
+	// containerd finds its shim (containerd-shim-runc-v2) on PATH; the shim
+	// runs Debian's runc, also from PATH.
+	n.startEnv(t, "containerd", []string{"PATH=" + n.env.containerd + string(os.PathListSeparator) + os.Getenv("PATH")},
+		filepath.Join(n.env.containerd, "containerd"), "--config", filepath.Join(dir, "config.toml"))
 	err := wait.PollUntilContextTimeout(context.Background(), 100*time.Millisecond, 60*time.Second, true, func(ctx context.Context) (bool, error) {
 		n.alive(t, "containerd")
 		c, err := net.Dial("unix", n.ctrdSock)
@@ -511,10 +532,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 	}
 }
 
+// firstLine is the first line a command prints, or why it printed none.
+func firstLine(name string, args ...string) string {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Sprintf("%s: %v", name, err)
+	}
+	line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
+	return line
+}
+
 // ctr runs containerd's own client against the node's containerd, in the
 // CRI plugin's k8s.io namespace.
 func (n *node) ctr(args ...string) (string, error) {
-	cmd := exec.Command("ctr", append([]string{"--address", n.ctrdSock, "--namespace", "k8s.io"}, args...)...)
+	cmd := exec.Command(filepath.Join(n.env.containerd, "ctr"), append([]string{"--address", n.ctrdSock, "--namespace", "k8s.io"}, args...)...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return string(out), fmt.Errorf("ctr %s: %v: %s", strings.Join(args, " "), err, out)
