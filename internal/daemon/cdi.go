@@ -57,6 +57,11 @@ func (d *Daemon) SimDriverRoot() string { return d.simRoot }
 
 // buildAdvertisement computes what the node publishes for inv under cfg.
 func (d *Daemon) buildAdvertisement(inv *nvml.Inventory, cfg *config.Config) (*advert.Advertisement, error) {
+	if cfg.UsesDRA() && d.dra == nil {
+		// Its devices would leave the device plugin with nothing to
+		// publish them.
+		return nil, fmt.Errorf("dra.mode %s: this daemon was started in device-plugin mode, without the API access DRA needs; restart it with the new mode (the chart's dra.mode does)", cfg.AllocationMode())
+	}
 	return advert.Build(inv, cfg, d.draEnv(advert.Env{SimulatedDriverRoot: d.simRoot, Logger: d.log.With("component", "cdi")}))
 }
 

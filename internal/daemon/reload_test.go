@@ -705,3 +705,19 @@ func TestRescanRewritesCDISpec(t *testing.T) {
 		t.Errorf("the rewritten spec still names the removed MIG device %s", old)
 	}
 }
+
+// TestReloadIntoDRANeedsARestart: a daemon started in device-plugin mode
+// has no API access, so a reload that turns DRA on is refused, naming the
+// fix, and every GPU stays with the device plugin (rather than leaving it
+// for a DRA side that cannot publish them).
+func TestReloadIntoDRANeedsARestart(t *testing.T) {
+	e := startReloadEnv(t, "dgx-h100", "version: v1\n", "--watch-config=false")
+	e.waitCapacity("nvidia.com/gpu", 8, 8)
+	e.write("version: v1\ndra:\n  mode: split\n  devices: [0]\n")
+	e.d.Reload()
+	st := e.waitStatus("the refused reload", func(s ReloadStatus, _ uint64) bool { return s.Failures == 1 })
+	if !strings.Contains(st.LastError, "started in device-plugin mode") || !strings.Contains(st.LastError, "restart") {
+		t.Errorf("last error %q, want it to say a restart is needed", st.LastError)
+	}
+	e.waitCapacity("nvidia.com/gpu", 8, 8)
+}
