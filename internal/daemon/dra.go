@@ -54,6 +54,12 @@ func (d *Daemon) draEnv(env advert.Env) advert.Env {
 			if d.tel == nil || d.tel.pods == nil {
 				return false
 			}
+			if st := d.tel.pods.Status(); st.Successes == 0 {
+				// Not listed yet (a start): no device moves to DRA until
+				// the kubelet says which its pods hold, unless it cannot
+				// say (pod-resources failing): then none is known held.
+				return st.Failures == 0
+			}
 			for _, h := range d.tel.pods.Snapshot().Holders(uuid) {
 				if h.Resource != dra.DriverName {
 					return true

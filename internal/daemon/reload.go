@@ -196,6 +196,7 @@ func (r *reloader) run(ctx context.Context, adv *advert.Advertisement) error {
 	mpsChanged := r.d.mps.Changed()
 	var draReleased <-chan struct{}
 	var drainTick <-chan time.Time
+	var podsListed <-chan struct{}
 	if r.d.dra != nil {
 		draReleased = r.d.dra.Released()
 		// Devices moving from the device plugin to DRA wait for their
@@ -203,6 +204,11 @@ func (r *reloader) run(ctx context.Context, adv *advert.Advertisement) error {
 		t := time.NewTicker(drainCheckInterval)
 		defer t.Stop()
 		drainTick = t.C
+		// The first pod-resources List after a start settles which
+		// devices may move at once.
+		if r.d.tel != nil && r.d.tel.pods != nil && r.d.tel.pods.Status().Successes+r.d.tel.pods.Status().Failures == 0 {
+			podsListed = r.d.tel.pods.Changed()
+		}
 	}
 	for {
 		select {
@@ -252,6 +258,11 @@ func (r *reloader) run(ctx context.Context, adv *advert.Advertisement) error {
 		case <-drainTick:
 			if len(r.adv.Draining) > 0 {
 				r.rebuild("devices moving between the device plugin and DRA")
+			}
+		case <-podsListed:
+			podsListed = nil
+			if len(r.adv.Draining) > 0 {
+				r.rebuild("the kubelet listed which devices its pods hold")
 			}
 		case l := <-r.labels:
 			r.lastLabel = &l

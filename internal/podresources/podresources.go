@@ -179,6 +179,10 @@ func New(opts Options) *Cache {
 // Snapshot is the latest attribution; never nil.
 func (c *Cache) Snapshot() *Snapshot { return c.snap.Load() }
 
+// Changed returns a channel closed when the next refresh (or failed
+// refresh) finishes. Take it before reading the snapshot.
+func (c *Cache) Changed() <-chan struct{} { return c.changed.C() }
+
 // Refresh asks for a refresh soon, e.g. after an Allocate. It never blocks.
 func (c *Cache) Refresh() {
 	select {
