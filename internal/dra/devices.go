@@ -28,6 +28,7 @@ type device struct {
 const (
 	attrPCIBusID = "resource.kubernetes.io/pciBusID"
 	attrNUMANode = "resource.kubernetes.io/numaNode"
+	attrPCIeRoot = "resource.kubernetes.io/pcieRoot"
 )
 
 // describe builds the devices for the units offered through DRA, in
@@ -95,6 +96,9 @@ func common(inv *nvml.Inventory, g *nvml.GPU) map[string]kube.DeviceAttribute {
 	}
 	if g.NUMANode >= 0 {
 		a[attrNUMANode] = kube.IntAttribute(int64(g.NUMANode))
+	}
+	if g.PCIeRoot != "" {
+		a[attrPCIeRoot] = kube.StringAttribute(g.PCIeRoot)
 	}
 	return a
 }

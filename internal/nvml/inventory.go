@@ -34,6 +34,9 @@ type GPU struct {
 	PCIBusID    string `json:"pciBusId"` // as NVML prints it, "00000000:07:00.0"
 	Minor       int    `json:"minor"`    // /dev/nvidia<minor>
 	NUMANode    int    `json:"numaNode"` // -1 when unknown
+	// PCIeRoot is the PCI Express root complex above the GPU ("pci0000:00"),
+	// from sysfs; "" when unknown.
+	PCIeRoot string `json:"pcieRoot,omitempty"`
 	// ComputeCapability is the CUDA compute capability, e.g. 9.0.
 	ComputeCapability ComputeCapability `json:"computeCapability"`
 	Architecture      string            `json:"architecture"` // lower case, e.g. "hopper"; "" if unknown
@@ -267,6 +270,7 @@ func describeGPU(l *Library, dev gonvml.Device, gpu *GPU, sysRoot string, handle
 	} else {
 		gpu.NUMANode = sysfsNUMANode(sysRoot, gpu.PCIBusID)
 	}
+	gpu.PCIeRoot = sysfsPCIeRoot(sysRoot, gpu.PCIBusID)
 	if err := describeFeatures(l, dev, gpu, sysRoot); err != nil {
 		return err
 	}
@@ -301,17 +305,47 @@ func NormalizeBusID(s string) string {
 	return strings.ToUpper(fmt.Sprintf("%08s:%s", strings.ToLower(domain), rest))
 }
 
+// sysfsBDF is a bus ID as sysfs names it: a 4-digit domain, lower case
+// (0000:07:00.0).
+func sysfsBDF(bus string) string {
+	bdf := strings.ToLower(bus)
+	if len(bdf) == len("00000000:07:00.0") {
+		bdf = bdf[4:]
+	}
+	return bdf
+}
+
+// sysfsPCIeRoot is the PCI Express root complex above a device, as the
+// standard DRA attribute resource.kubernetes.io/pcieRoot names it
+// ("pci0000:00"): the first element of its sysfs device path. "" when
+// unknown.
+func sysfsPCIeRoot(sysRoot, bus string) string {
+	if sysRoot == "" || bus == "" {
+		return ""
+	}
+	target, err := filepath.EvalSymlinks(filepath.Join(sysRoot, "bus", "pci", "devices", sysfsBDF(bus)))
+	if err != nil {
+		return ""
+	}
+	if base, err := filepath.EvalSymlinks(sysRoot); err == nil {
+		if rel, err := filepath.Rel(base, target); err == nil {
+			target = rel // devices/pci0000:00/…: only the part below sysfs counts
+		}
+	}
+	for _, part := range strings.Split(filepath.ToSlash(target), "/") {
+		if strings.HasPrefix(part, "pci") && strings.Contains(part, ":") {
+			return part
+		}
+	}
+	return ""
+}
+
 // sysfsNUMANode reads /sys/bus/pci/devices/<bdf>/numa_node; -1 when unknown.
 func sysfsNUMANode(sysRoot, bus string) int {
 	if sysRoot == "" || bus == "" {
 		return -1
 	}
-	// sysfs uses a 4-digit domain and lower case: 0000:07:00.0.
-	bdf := strings.ToLower(bus)
-	if len(bdf) == len("00000000:07:00.0") {
-		bdf = bdf[4:]
-	}
-	raw, err := os.ReadFile(filepath.Join(sysRoot, "bus", "pci", "devices", bdf, "numa_node"))
+	raw, err := os.ReadFile(filepath.Join(sysRoot, "bus", "pci", "devices", sysfsBDF(bus), "numa_node"))
 	if err != nil {
 		return -1
 	}

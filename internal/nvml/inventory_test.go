@@ -464,3 +464,55 @@ func TestSysfsNUMAFallback(t *testing.T) {
 		}
 	}
 }
+
+// TestSysfsPCIeRoot: each GPU's PCI Express root complex comes from its
+// sysfs device path, as /sys/bus/pci/devices links it.
+func TestSysfsPCIeRoot(t *testing.T) {
+	root := t.TempDir()
+	srv := dgxh100.New()
+	for i, d := range srv.Devices {
+		dev := d.(*server.Device)
+		bus := fmt.Sprintf("0000:%02x:00.0", 0x10+i)
+		dev.GetPciInfoFunc = func() (gonvml.PciInfo, gonvml.Return) {
+			var p gonvml.PciInfo
+			for k, c := range "0000" + bus {
+				p.BusId[k] = int8(c)
+			}
+			return p, gonvml.SUCCESS
+		}
+		if i == 7 {
+			continue // no sysfs entry: unknown
+		}
+		// Two GPUs per root complex, behind a bridge.
+		rc := fmt.Sprintf("pci0000:%02x", i/2)
+		real := filepath.Join(root, "devices", rc, fmt.Sprintf("0000:%02x:01.0", i/2), bus)
+		if err := os.MkdirAll(real, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		links := filepath.Join(root, "bus", "pci", "devices")
+		if err := os.MkdirAll(links, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(real, filepath.Join(links, bus)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lib, err := nvml.Open(srv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lib.Close()
+	inv, err := nvml.Scan(lib, nvml.ScanOptions{SysRoot: root})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, g := range inv.GPUs {
+		want := fmt.Sprintf("pci0000:%02x", i/2)
+		if i == 7 {
+			want = ""
+		}
+		if g.PCIeRoot != want {
+			t.Errorf("GPU %d: PCIe root %q, want %q", i, g.PCIeRoot, want)
+		}
+	}
+}
