@@ -66,6 +66,10 @@ func loadCheckpoint(path string) (map[string]*preparedClaim, error) {
 		return nil, fmt.Errorf("checkpoint %s is not valid JSON: %w", path, err)
 	}
 	if f.Version != checkpointVersion {
+		var other map[string]json.RawMessage
+		if json.Unmarshal(b, &other) == nil && (other["v2"] != nil || other["v1"] != nil) {
+			return nil, fmt.Errorf("checkpoint %s was written by another DRA driver for %s (NVIDIA's dra-driver-nvidia-gpu writes this shape); its claims are prepared again by this daemon as the kubelet asks", path, DriverName)
+		}
 		return nil, fmt.Errorf("checkpoint %s has version %d; this daemon reads version %d", path, f.Version, checkpointVersion)
 	}
 	if f.Claims == nil {

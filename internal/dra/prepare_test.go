@@ -146,6 +146,7 @@ func TestCorruptCheckpointIsMovedAside(t *testing.T) {
 	for name, content := range map[string]string{
 		"garbage":  "{not json",
 		"checksum": `{"version":1,"checksum":"00","claims":{"u":{"namespace":"a","name":"b","devices":[]}}}`,
+		"NVIDIA's": `{"checksum":123,"v2":{"preparedClaims":{}}}`,
 	} {
 		t.Run(name, func(t *testing.T) {
 			if err := os.WriteFile(filepath.Join(dir, "checkpoint.json"), []byte(content), 0o600); err != nil {
