@@ -201,7 +201,7 @@ func checkDRARBAC(t *testing.T, objs []Object, sa string) {
 		}
 	}
 	want := map[string][]string{
-		"resource.k8s.io/resourceslices": {"get", "list", "watch", "create", "update", "patch", "delete"},
+		"resource.k8s.io/resourceslices": {"get", "list", "watch", "create", "update", "delete"},
 		"resource.k8s.io/resourceclaims": {"get"},
 		"/nodes":                         {"get"},
 	}

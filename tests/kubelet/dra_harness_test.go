@@ -110,7 +110,7 @@ const (
 // not allow fails here as on a cluster. A test that needs more edits
 // k.api.verbs before the daemon starts.
 var draDaemonVerbs = map[string][]string{
-	"resourceslices": {"get", "list", "watch", "create", "update", "patch", "delete"},
+	"resourceslices": {"get", "list", "watch", "create", "update", "delete"},
 	"resourceclaims": {"get"},
 	"nodes":          {"get"},
 }
