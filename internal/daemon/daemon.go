@@ -53,7 +53,8 @@ type Daemon struct {
 	// device plugin's daemons last applied.
 	mpsMu        sync.Mutex
 	mpsForPlugin []mps.Spec
-	dra          *dra.Driver // the DRA kubelet plugin; nil unless the allocation mode uses DRA (dra.go)
+	dra          *dra.Driver   // the DRA kubelet plugin; nil unless the allocation mode uses DRA (dra.go)
+	draPublish   chan struct{} // holds the slice's first write until the device plugin's pods are known (dra.go)
 	http         *httpServer
 	rl           *reloader             // live config reloads, GPU re-scans, node labels (reload.go)
 	simRoot      string                // a simulated node's laid-out driver root (cdi.go)

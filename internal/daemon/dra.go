@@ -1,12 +1,14 @@
 package daemon
 
 import (
+	"context"
 	"fmt"
 	"time"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/advert"
 	"github.com/gpu-plugin/gpu-plugin/internal/cdi"
 	"github.com/gpu-plugin/gpu-plugin/internal/dra"
+	"github.com/gpu-plugin/gpu-plugin/internal/podresources"
 )
 
 // needsCDISpec reports whether the node's GPU CDI spec is generated: for a
@@ -25,7 +27,7 @@ func (d *Daemon) newDRA() error {
 	if !d.cfg.UsesDRA() {
 		return nil
 	}
-	drv, err := dra.New(dra.Options{
+	opts := dra.Options{
 		NodeName:     d.cfg.Daemon.NodeName,
 		RegistrarDir: d.cfg.Daemon.KubeletRegistrarDir,
 		PluginsDir:   d.cfg.Daemon.KubeletPluginsDir,
@@ -36,12 +38,63 @@ func (d *Daemon) newDRA() error {
 		MPSRoot:      d.cfg.MPSRoot(),
 		OnMPSChange:  d.reapplyMPS,
 		MPSReady:     func(resource string) bool { return d.mps.Ready(resource) },
-	})
+	}
+	if d.lib != nil {
+		// The reloader opens it (publishDRA); without NVML it does not run,
+		// and there are no devices to keep out.
+		d.draPublish = make(chan struct{})
+		opts.PublishAfter = d.draPublish
+	}
+	drv, err := dra.New(opts)
 	if err != nil {
 		return fmt.Errorf("--allocation-mode=%s: %w", d.cfg.AllocationMode(), err)
 	}
 	d.dra = drv
 	return nil
+}
+
+// podHoldersWait bounds how long a daemon starting with DRA holds its
+// first slice write for the pod-resources API's first answer.
+const podHoldersWait = 10 * time.Second
+
+// publishDRA lets the DRA plugin write its first slice once the devices
+// the device plugin's pods hold are known. The advertisement at start is
+// built before the telemetry (and its pod-resources cache) exists, so
+// PluginHeld knows no holder then, and the slice would offer the GPUs of
+// running device plugin pods (a daemon restarted in dra or split mode on a
+// node with GPU pods) for the scheduler to give to a claim as well; found
+// by the e2e node (scenario 4d). So the slice, and a previous daemon's,
+// stay as they are until the first List (at most podHoldersWait); the
+// advertisement is then built again, the devices held going to Draining
+// until their pods end.
+func (r *reloader) publishDRA(ctx context.Context) {
+	d := r.d
+	if d.draPublish == nil {
+		return
+	}
+	defer close(d.draPublish)
+	if d.tel == nil || d.tel.pods == nil {
+		r.log.Warn("no pod-resources API (telemetry off, or --pod-resources-socket empty): devices that device plugin pods hold are not kept out of the DRA slice")
+		return
+	}
+	wctx, cancel := context.WithTimeout(ctx, podHoldersWait)
+	defer cancel()
+	var st podresources.Status
+	err := d.tel.pods.WaitFor(wctx, func(_ *podresources.Snapshot, s podresources.Status) bool {
+		st = s
+		return s.Successes+s.Failures > 0
+	})
+	if ctx.Err() != nil {
+		return
+	}
+	switch {
+	case err != nil:
+		// PluginHeld counts every device held until the first answer.
+		r.log.Warn("the kubelet's pod-resources API has not answered: no device is offered through DRA until it does", "waited", podHoldersWait)
+	case !st.Up:
+		r.log.Warn("the kubelet's pod-resources API fails: the DRA slice is published without knowing which devices the device plugin's pods hold", "err", st.LastError)
+	}
+	r.rebuild("the device plugin's pods are known")
 }
 
 // draEnv adds what the DRA side holds to an advertisement's environment.

@@ -180,6 +180,7 @@ func (r *reloader) run(ctx context.Context, adv *advert.Advertisement) error {
 	// began raised no event: compare the content once now.
 	r.reloadConfig(false)
 	r.writeLabels()
+	r.publishDRA(ctx)
 	var tick <-chan time.Time
 	if iv := r.d.cfg.Daemon.RescanInterval; iv > 0 {
 		t := time.NewTicker(iv)

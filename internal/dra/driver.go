@@ -67,6 +67,13 @@ type Options struct {
 	MPSRoot     string
 	OnMPSChange func()
 	MPSReady    func(resource string) bool
+
+	// PublishAfter, when set, holds the first write of the slice (and the
+	// deletion of a previous daemon's) until it is closed. The daemon
+	// closes it once it knows which devices the device plugin's pods
+	// hold, so that a daemon started in dra or split mode never publishes
+	// a GPU a running pod has.
+	PublishAfter <-chan struct{}
 }
 
 // Driver is the DRA side of the node.

@@ -2,6 +2,7 @@ package dra_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -242,4 +243,57 @@ func TestRegistrationAndSlice(t *testing.T) {
 		l, _ := r.api.ListResourceSlices(context.Background(), dra.DriverName, node)
 		return len(l) == 0
 	})
+}
+
+// TestPublishAfter: a driver started with PublishAfter neither rewrites
+// nor deletes the slice a previous daemon left until the gate closes (the
+// daemon closes it once it knows which GPUs the device plugin's pods
+// hold, which its first advertisement does not), then publishes.
+func TestPublishAfter(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		units func(all []string) []string
+		want  int // devices in the slice once the gate is open; 0: no slice
+	}{
+		{"fewer GPUs", func(all []string) []string { return all[2:] }, 6},
+		{"no GPU", func([]string) []string { return nil }, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t, "dgx-h100")
+			var old *kube.ResourceSlice
+			waitFor(t, "the first daemon's slice of 8 GPUs", func() bool { old = r.api.slice(); return old != nil && len(old.Spec.Devices) == 8 })
+			r.stop()
+			r.api.mu.Lock()
+			writes := r.api.writes
+			r.api.mu.Unlock()
+
+			gate := make(chan struct{})
+			r.dirs.PublishAfter = gate
+			r.units = tc.units(r.units)
+			r.start()
+			// A negative: the publisher had time to write, and must not have.
+			time.Sleep(200 * time.Millisecond)
+			r.api.mu.Lock()
+			after := r.api.writes
+			r.api.mu.Unlock()
+			if s := r.api.slice(); after != writes || s == nil || s.ResourceVersion != old.ResourceVersion {
+				got := "none"
+				if s != nil {
+					got = fmt.Sprintf("%s resourceVersion %s with %d devices", s.Name, s.ResourceVersion, len(s.Spec.Devices))
+				}
+				t.Fatalf("before PublishAfter closed: %d slice writes (was %d), slice %s; want the old one untouched (%s resourceVersion %s)",
+					after, writes, got, old.Name, old.ResourceVersion)
+			}
+
+			close(gate)
+			waitFor(t, fmt.Sprintf("%d devices once the gate is open", tc.want), func() bool {
+				s := r.api.slice()
+				if tc.want == 0 {
+					l, _ := r.api.ListResourceSlices(context.Background(), dra.DriverName, node)
+					return len(l) == 0
+				}
+				return s != nil && s.Name == old.Name && len(s.Spec.Devices) == tc.want
+			})
+		})
+	}
 }

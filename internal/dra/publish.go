@@ -77,8 +77,16 @@ func (d *Driver) desired(now time.Time) []kube.SliceDevice {
 // publishLoop keeps the node's slice as desired until ctx ends: after a
 // change of devices or health, a change to the slices by someone else
 // (the kubelet deletes a driver's slices when it deregisters), and again
-// after a failure, with backoff.
+// after a failure, with backoff. It starts once Options.PublishAfter is
+// closed.
 func (d *Driver) publishLoop(ctx context.Context) {
+	if gate := d.opts.PublishAfter; gate != nil {
+		select {
+		case <-ctx.Done():
+			return
+		case <-gate:
+		}
+	}
 	wait := time.Duration(0)
 	var healthCh <-chan struct{}
 	for {

@@ -14,9 +14,11 @@ import (
 	resourcev1 "k8s.io/api/resource/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/klog/v2"
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 
+	"github.com/gpu-plugin/gpu-plugin/internal/podresources/fakepodresources"
 	"github.com/gpu-plugin/gpu-plugin/internal/testkit"
 )
 
@@ -205,6 +207,58 @@ func TestDRASplitMode(t *testing.T) {
 			t.Errorf("%s offered by both APIs", id)
 		}
 	}
+}
+
+// slicedUUIDs are the GPU UUIDs that any ResourceSlice the API stored so
+// far offered, from the API's change log (a slice later rewritten
+// counts).
+func (k *draKubelet) slicedUUIDs() map[string]bool {
+	k.api.mu.Lock()
+	defer k.api.mu.Unlock()
+	out := map[string]bool{}
+	for _, ev := range k.api.events {
+		if s, ok := ev.obj.(*resourcev1.ResourceSlice); ok && ev.typ != watch.Deleted {
+			for _, d := range s.Spec.Devices {
+				if u := d.Attributes["uuid"].StringValue; u != nil {
+					out[*u] = true
+				}
+			}
+		}
+	}
+	return out
+}
+
+// TestDRAStartKeepsDevicePluginPodsGPUs: a daemon started in dra mode on a
+// node where a pod holds a GPU through the device plugin (the kubelet's
+// pod-resources API lists it) never publishes that GPU, so the scheduler
+// cannot give it to a claim as well; it joins the slice once the pod is
+// gone. The daemon's first advertisement is built before pod-resources has
+// answered: the e2e node (scenario 4d) caught the slice offering all 8.
+func TestDRAStartKeepsDevicePluginPodsGPUs(t *testing.T) {
+	requireKubeletNamespace(t)
+	tmp := t.TempDir()
+	reg, plugins := filepath.Join(tmp, "registry"), filepath.Join(tmp, "plugins")
+	k := startDRAKubelet(t, reg)
+	_, _, inv := testkit.SimNode(t, "dgx-h100")
+	held := inv.GPUs[3].UUID
+	sock := filepath.Join(tmp, "pod-resources.sock")
+	pr, err := fakepodresources.Start(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pr.Stop)
+	pr.SetPods(fakepodresources.Pod("default", "dp-pod", fakepodresources.Container{Name: "main",
+		Devices: []fakepodresources.Devices{{Resource: "nvidia.com/gpu", IDs: []string{held}}}}))
+
+	draDaemon(t, k, reg, plugins, "--allocation-mode=dra", "--pod-resources-socket="+sock)
+	k.waitRegistered(draDriver)
+	k.waitSlices("the 7 GPUs the pod does not hold", func(s []resourcev1.ResourceSlice) bool { return deviceCount(s) == 7 })
+	if k.slicedUUIDs()[held] {
+		t.Fatalf("a slice offered GPU 3 (%s), which a device plugin pod holds: %s", held, dumpJSON(k.slices()))
+	}
+	// The pod ends: GPU 3 moves to DRA (drain check every 5 s, pod-resources every 5 s).
+	pr.SetPods()
+	k.waitSlices("all 8 GPUs once the pod is gone", func(s []resourcev1.ResourceSlice) bool { return deviceCount(s) == 8 })
 }
 
 // TestDRAWithoutDeviceTaints: an API server that drops device taints gets
