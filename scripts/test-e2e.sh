@@ -20,7 +20,8 @@
 # storage and the project image, keyed by the sources it is built from. The node itself runs in private mount, network
 # and PID namespaces (tests/e2e/nsexec.sh) and leaves nothing running.
 #
-# Extra go test flags come from E2E_TEST_FLAGS, e.g. E2E_TEST_FLAGS="-run 'TestNode/1-install'".
+# Extra go test flags come from E2E_TEST_FLAGS, split on spaces and not unquoted, e.g.
+# E2E_TEST_FLAGS="-run TestNode/(1-install|4d-dra)".
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${E2E_CACHE:-/var/cache/gpu-plugin-e2e}

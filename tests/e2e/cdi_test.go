@@ -107,20 +107,28 @@ func readCDISpec(t *testing.T) (*cdiSpec, string) {
 	return nil, ""
 }
 
-func (s *suite) cdiCRI(t *testing.T) {
-	ctx := context.Background()
-	c := s.n.client
+// cdiHook writes the stand-in nvidia-cdi-hook on the node (again, if it
+// is there) and returns its path and the log it appends to.
+func (s *suite) cdiHook(t *testing.T) (hook, hookLog string) {
+	t.Helper()
 	dir := s.n.path("cdi-hook")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	hook, hookLog := filepath.Join(dir, "nvidia-cdi-hook"), filepath.Join(dir, "hooks.log")
+	hook, hookLog = filepath.Join(dir, "nvidia-cdi-hook"), filepath.Join(dir, "hooks.log")
 	// runc runs it with the container's state on stdin and argv[0] replaced
 	// by the script's path: it records the rest, one run a line.
 	script := "#!/bin/sh\ncat >/dev/null\nprintf '%s\\n' \"$*\" >> '" + hookLog + "'\n"
 	if err := os.WriteFile(hook, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
+	return hook, hookLog
+}
+
+func (s *suite) cdiCRI(t *testing.T) {
+	ctx := context.Background()
+	c := s.n.client
+	hook, hookLog := s.cdiHook(t)
 
 	t0 := time.Now()
 	s.replacePlugin(t, cdiValues(s.n.env.image, hook))

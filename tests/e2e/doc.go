@@ -39,7 +39,14 @@
 // MPS mounts, the daemon running the fake nvidia-cuda-mps-control that
 // image.sh adds to a derived test image; two client pods sharing one
 // /dev/shm with the host and the plugin, a 2-replica pod refused, the
-// control daemon killed and restarted, and quit on the way back), 5 health (XID 79 through the
+// control daemon killed and restarted, and quit on the way back), 4d DRA
+// through the chart's dra.* values (dra_test.go: the DeviceClasses and the
+// node's ResourceSlice, claims from templates, a CEL selector on memory,
+// a shared claim, a pod asking for nvidia.com/gpu given a GPU through DRA,
+// each container with exactly its claim's device nodes from the claim's
+// CDI spec, an XID as a device taint, the plugin's restart, DCGM series
+// attributed to a claim's pod, a MIG claim by profile, split mode, and
+// the way back), 5 health (XID 79 through the
 // simulated node's /sim API; the GPUHealthy condition, Events, the taint
 // under a 1,000-XID storm and the service account's limits in
 // nodehealth_test.go), 6 kubelet and

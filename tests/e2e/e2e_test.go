@@ -114,6 +114,7 @@ func TestNode(t *testing.T) {
 		{"4-prometheus", s.prometheus},
 		{"4b-per-pod-usage", s.perPodUsage},
 		{"4c-mps", s.mpsScenario},
+		{"4d-dra", s.draScenario},
 		{"5-health", s.health},
 		{"6-restarts", s.restarts},
 		{"7-uninstall", s.uninstall},
