@@ -98,6 +98,10 @@ func parseMPS(raw json.RawMessage, gpus []mps.GPU) (*claimMPS, error) {
 	return out, nil
 }
 
+// maxQuantityExp bounds a quantity's decimal exponent: 1e40 bytes is far
+// beyond any GPU's memory, 1e-40 far below a byte.
+const maxQuantityExp = 40
+
 // quantityMiB reads a Kubernetes quantity of bytes ("10Gi", "512Mi",
 // "4G", "1073741824") as whole MiB.
 func quantityMiB(q string) (uint64, error) {
@@ -111,6 +115,14 @@ func quantityMiB(q string) (uint64, error) {
 		if strings.HasSuffix(q, s) {
 			num, suffix = strings.TrimSuffix(q, s), s
 			break
+		}
+	}
+	// A claim's author picks the string: "1e999999" would parse into a
+	// number of millions of bits (tens of milliseconds of CPU a prepare);
+	// no memory limit needs an exponent beyond maxQuantityExp.
+	if i := strings.IndexAny(num, "eE"); i >= 0 {
+		if e, err := strconv.Atoi(num[i+1:]); err == nil && (e > maxQuantityExp || e < -maxQuantityExp) {
+			return 0, fmt.Errorf("%q is less than 1 MiB or too large", q)
 		}
 	}
 	r, ok := new(big.Rat).SetString(num)

@@ -23,6 +23,9 @@ func TestQuantityMiB(t *testing.T) {
 		{in: "1Ki", err: "less than 1 MiB"},
 		{in: "-1Gi", err: "not a positive quantity"},
 		{in: "ten", err: "not a positive quantity"},
+		{in: "1e999999", err: "too large"},
+		{in: "1e-999999Pi", err: "less than 1 MiB"},
+		{in: "1e9Pi", want: 1e9 * (1 << 30)}, // large, within the bound and uint64
 	} {
 		got, err := quantityMiB(tc.in)
 		if tc.err != "" {

@@ -11,7 +11,10 @@ import (
 	"github.com/gpu-plugin/gpu-plugin/internal/kube"
 )
 
-// Device taints for unhealthy devices, NVIDIA's DRA driver's keys.
+// Device taints for unhealthy devices. xid and gpu-lost are NVIDIA's DRA
+// driver's keys; it has none for the other reasons (quarantine, ECC, …),
+// which get ours, unhealthy. NVIDIA's unmonitored (a device its health
+// checks do not watch) is not set.
 const (
 	TaintXID       = DriverName + "/xid"
 	TaintGPULost   = DriverName + "/gpu-lost"
