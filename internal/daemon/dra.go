@@ -38,6 +38,7 @@ func (d *Daemon) newDRA() error {
 		MPSRoot:      d.cfg.MPSRoot(),
 		OnMPSChange:  d.reapplyMPS,
 		MPSReady:     func(resource string) bool { return d.mps.Ready(resource) },
+		MPSChanged:   func() <-chan struct{} { return d.mps.Changed() },
 	}
 	if d.lib != nil {
 		// The reloader opens it (publishDRA); without NVML it does not run,

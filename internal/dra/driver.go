@@ -63,10 +63,14 @@ type Options struct {
 	// MPSRoot is --mps-root: claims shared through MPS get their daemon's
 	// directories under it ("": such claims are refused). OnMPSChange is
 	// called when the claims' MPS daemons (MPSSpecs) change, and MPSReady
-	// reports whether a daemon (by MPSResource) is ready.
+	// reports whether a daemon (by MPSResource) is ready. MPSChanged, if
+	// set, is closed at the next change of a daemon's state: the health
+	// service then reports the devices of a claim whose daemon is down as
+	// unhealthy at once, rather than at its next periodic send.
 	MPSRoot     string
 	OnMPSChange func()
 	MPSReady    func(resource string) bool
+	MPSChanged  func() <-chan struct{}
 
 	// PublishAfter, when set, holds the first write of the slice (and the
 	// deletion of a previous daemon's) until it is closed. The daemon

@@ -345,7 +345,8 @@ func podDeviceHealth(k *draKubelet, pod *v1.Pod) string {
 // TestDRAMPSClaim: a claim shared through MPS (NVIDIA's GpuConfig with
 // sharing.strategy MPS) gets its own supervised MPS control daemon with
 // the claim's limits, and its containers the daemon's pipe directory and
-// shared memory; unpreparing the claim quits the daemon.
+// shared memory; while that daemon is down, the pod's status shows its
+// devices unhealthy; unpreparing the claim quits the daemon.
 func TestDRAMPSClaim(t *testing.T) {
 	requireKubeletNamespace(t)
 	tmp := t.TempDir()
@@ -406,6 +407,24 @@ func TestDRAMPSClaim(t *testing.T) {
 			t.Errorf("the daemon got %q, missing %q", log.cmds, want)
 		}
 	}
+
+	// The claim's daemon dies: the pod's status shows its devices
+	// unhealthy until the daemon is back (held down 3 s by the fake's
+	// start delay, after the manager's 1 s backoff).
+	if err := poll(10*time.Second, func() bool { return podDeviceHealth(k, pod) == "Healthy" }); err != nil {
+		t.Errorf("with the MPS daemon ready, the pod's device health is %q, want Healthy", podDeviceHealth(k, pod))
+	}
+	t.Setenv("FAKE_MPS_READY_DELAY", "3s")
+	if err := testkit.KillFakeMPS(pipe); err != nil {
+		t.Fatal(err)
+	}
+	if err := poll(10*time.Second, func() bool { return podDeviceHealth(k, pod) == "Unhealthy" }); err != nil {
+		t.Errorf("with the claim's MPS daemon killed, the pod's device health is %q, want Unhealthy", podDeviceHealth(k, pod))
+	}
+	if err := poll(30*time.Second, func() bool { return podDeviceHealth(k, pod) == "Healthy" }); err != nil {
+		t.Errorf("after the MPS daemon's restart, the pod's device health is %q, want Healthy", podDeviceHealth(k, pod))
+	}
+
 	if err := k.unprepare(pod); err != nil {
 		t.Fatal(err)
 	}
