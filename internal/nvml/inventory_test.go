@@ -36,6 +36,22 @@ func scanProfile(t *testing.T, name string) (*nvml.Inventory, *nvml.Library) {
 	return inv, lib
 }
 
+// scanMock scans a go-nvml mock server, with sysfs read under sysRoot
+// ("": the host's).
+func scanMock(t *testing.T, srv gonvml.Interface, sysRoot string) *nvml.Inventory {
+	t.Helper()
+	lib, err := nvml.Open(srv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lib.Close() })
+	inv, err := nvml.Scan(lib, nvml.ScanOptions{SysRoot: sysRoot})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return inv
+}
+
 // row renders one topology row as nvidia-smi would.
 func row(inv *nvml.Inventory, i int) string {
 	cells := make([]string, len(inv.GPUs))
@@ -290,15 +306,7 @@ func TestInventoryMockMIG(t *testing.T) {
 		return nil, gonvml.ERROR_NOT_FOUND
 	}
 
-	lib, err := nvml.Open(srv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lib.Close()
-	inv, err := nvml.Scan(lib, nvml.ScanOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	inv := scanMock(t, srv, "")
 	g := inv.GPUs[0]
 	if !g.MIGEnabled || len(g.MIGDevices) != 2 {
 		t.Fatalf("GPU 0: MIG enabled %v with %d devices (problem %q), want 2", g.MIGEnabled, len(g.MIGDevices), g.Problem)
@@ -449,15 +457,7 @@ func TestSysfsNUMAFallback(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	lib, err := nvml.Open(srv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lib.Close()
-	inv, err := nvml.Scan(lib, nvml.ScanOptions{SysRoot: root})
-	if err != nil {
-		t.Fatal(err)
-	}
+	inv := scanMock(t, srv, root)
 	for i, g := range inv.GPUs {
 		if g.NUMANode != i/4 {
 			t.Errorf("GPU %d: NUMA %d from sysfs, want %d", i, g.NUMANode, i/4)
@@ -497,15 +497,7 @@ func TestSysfsPCIeRoot(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	lib, err := nvml.Open(srv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lib.Close()
-	inv, err := nvml.Scan(lib, nvml.ScanOptions{SysRoot: root})
-	if err != nil {
-		t.Fatal(err)
-	}
+	inv := scanMock(t, srv, root)
 	for i, g := range inv.GPUs {
 		want := fmt.Sprintf("pci0000:%02x", i/2)
 		if i == 7 {

@@ -506,15 +506,21 @@ func TestChartRejectsContradictoryValues(t *testing.T) {
 		{"misspelt top-level value", "nodeSelecter: {a: b}", "nodeSelecter"},
 		{"wrong type", "metrics: {port: \"9400\"}", "port"},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			_, err := RenderChart(chartDir(), values(t, tc.values))
-			if err == nil {
-				t.Fatalf("values %q rendered without error", tc.values)
-			}
-			if !strings.Contains(err.Error(), tc.want) {
-				t.Errorf("error %q does not name %q", err, tc.want)
-			}
-		})
+		t.Run(tc.name, func(t *testing.T) { requireRefused(t, tc.values, tc.want) })
+	}
+}
+
+// requireRefused renders the chart with values and requires an error
+// that names want. The schema names a value by its path (/dra/mode), the
+// template's checks by its key (dra.mode): both read as the key.
+func requireRefused(t *testing.T, vals, want string) {
+	t.Helper()
+	_, err := RenderChart(chartDir(), values(t, vals))
+	if err == nil {
+		t.Fatalf("values %q rendered without error", vals)
+	}
+	if msg := strings.ReplaceAll(err.Error(), "/", "."); !strings.Contains(msg, want) {
+		t.Errorf("error %q does not name %q", err, want)
 	}
 }
 
