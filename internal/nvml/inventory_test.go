@@ -436,19 +436,29 @@ func TestLostGPUAtScan(t *testing.T) {
 	}
 }
 
-func TestSysfsNUMAFallback(t *testing.T) {
-	root := t.TempDir()
-	srv := dgxh100.New()
+// setBusIDs gives the mock's GPUs the PCI bus IDs 0000:10:00.0,
+// 0000:11:00.0, … (NVML writes them with an 8-digit domain) and returns
+// them as sysfs names them.
+func setBusIDs(srv *server.Server) []string {
+	var out []string
 	for i, d := range srv.Devices {
-		dev := d.(*server.Device)
 		bus := fmt.Sprintf("0000:%02x:00.0", 0x10+i)
-		dev.GetPciInfoFunc = func() (gonvml.PciInfo, gonvml.Return) {
+		d.(*server.Device).GetPciInfoFunc = func() (gonvml.PciInfo, gonvml.Return) {
 			var p gonvml.PciInfo
 			for k, c := range "0000" + bus {
 				p.BusId[k] = int8(c)
 			}
 			return p, gonvml.SUCCESS
 		}
+		out = append(out, bus)
+	}
+	return out
+}
+
+func TestSysfsNUMAFallback(t *testing.T) {
+	root := t.TempDir()
+	srv := dgxh100.New()
+	for i, bus := range setBusIDs(srv) {
 		dir := filepath.Join(root, "bus", "pci", "devices", bus)
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			t.Fatal(err)
@@ -470,16 +480,7 @@ func TestSysfsNUMAFallback(t *testing.T) {
 func TestSysfsPCIeRoot(t *testing.T) {
 	root := t.TempDir()
 	srv := dgxh100.New()
-	for i, d := range srv.Devices {
-		dev := d.(*server.Device)
-		bus := fmt.Sprintf("0000:%02x:00.0", 0x10+i)
-		dev.GetPciInfoFunc = func() (gonvml.PciInfo, gonvml.Return) {
-			var p gonvml.PciInfo
-			for k, c := range "0000" + bus {
-				p.BusId[k] = int8(c)
-			}
-			return p, gonvml.SUCCESS
-		}
+	for i, bus := range setBusIDs(srv) {
 		if i == 7 {
 			continue // no sysfs entry: unknown
 		}
