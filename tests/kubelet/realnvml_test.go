@@ -215,9 +215,11 @@ func TestRealNVMLRecovery(t *testing.T) {
 		}
 		t.Logf("recovered GPU 4 → allocatable 8 after %s (quiet period %s)", time.Since(back), quiet)
 
+		// From before the XID: the quiet period runs from the event, which
+		// the kubelet sees some milliseconds later.
+		back = time.Now()
 		d.xid(1, 79)
 		k.waitCapacity(gpuResource, degraded8)
-		back = time.Now()
 		k.waitCapacity(gpuResource, healthy8)
 		if took := time.Since(back); took < quiet {
 			t.Errorf("GPU 1 returned %s after XID 79, before the %s quiet period", took, quiet)
