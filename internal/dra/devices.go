@@ -33,10 +33,9 @@ const (
 
 // describe builds the devices for the units offered through DRA, in
 // inventory order, named and described as NVIDIA's DRA driver does: whole
-// GPUs "gpu-<minor>" with type "gpu", MIG devices
-// "gpu-<parent minor>-mig-<profile>-<GPU instance>-<compute instance>"
-// with type "mig", so DeviceClass selectors and claim CEL written for it
-// select the same devices here.
+// GPUs "gpu-<minor>" with type "gpu", MIG devices as migDeviceName says
+// with type "mig", so DeviceClass selectors, claim CEL and device names
+// written for it select the same devices here.
 func describe(inv *nvml.Inventory, units []string) []device {
 	offered := make(map[string]bool, len(units))
 	for _, u := range units {
@@ -57,11 +56,36 @@ func describe(inv *nvml.Inventory, units []string) []device {
 			if !g.MIGEnabled || !offered[m.UUID] {
 				continue
 			}
-			name := fmt.Sprintf("gpu-%d-mig-%s-%d-%d", g.Minor, profileName(m.Profile), m.GPUInstanceID, m.ComputeInstanceID)
+			name := migDeviceName(g, m)
 			out = append(out, device{name: name, uuid: m.UUID, units: []string{g.UUID, m.UUID}, slice: migDevice(inv, g, m, name), mig: true})
 		}
 	}
 	return out
+}
+
+// migDeviceName names a MIG device as NVIDIA's DRA driver does, by its
+// GPU instance's profile ID and placement:
+// "gpu-<parent minor>-mig-<profile ID>-<placement start>-<placement size>"
+// (an A100's 3g.20gb in the upper half: "gpu-0-mig-9-4-4"). NVIDIA's
+// driver offers one compute instance per GPU instance; a compute instance
+// smaller than its GPU instance (a 1c.3g.20gb), or one of several in it,
+// adds "-ci<compute instance ID>" so that each is a device of its own.
+// Without a placement from NVML (a mock; a real driver always has one) the
+// profile and the instance IDs name it.
+func migDeviceName(g *nvml.GPU, m *nvml.MIGDevice) string {
+	if m.Placement.Size == 0 {
+		return fmt.Sprintf("gpu-%d-mig-%s-%d-%d", g.Minor, profileName(m.Profile), m.GPUInstanceID, m.ComputeInstanceID)
+	}
+	name := fmt.Sprintf("gpu-%d-mig-%d-%d-%d", g.Minor, m.GPUInstanceProfileID, m.Placement.Start, m.Placement.Size)
+	shared := m.Attributes != nil && m.Attributes.CISlices < m.Attributes.GISlices
+	for i := range g.MIGDevices {
+		other := &g.MIGDevices[i]
+		shared = shared || (other.UUID != m.UUID && other.GPUInstanceID == m.GPUInstanceID)
+	}
+	if shared {
+		name += fmt.Sprintf("-ci%d", m.ComputeInstanceID)
+	}
+	return name
 }
 
 // profileName makes a MIG profile ("1g.10gb+me") part of a device name
@@ -132,8 +156,20 @@ func migDevice(inv *nvml.Inventory, g *nvml.GPU, m *nvml.MIGDevice, name string)
 			capacity[k] = kube.DeviceCapacity{Value: strconv.FormatUint(uint64(v), 10)}
 		}
 	}
+	// The memory slices the GPU instance holds, one capacity each, as
+	// NVIDIA's driver publishes them. Every MIG GPU so far has at most 8;
+	// a placement beyond that is left out rather than push the device past
+	// the API's 32 attributes and capacities.
+	if p := m.Placement; p.Start >= 0 && p.Size > 0 && p.Start+p.Size <= maxMemorySlices {
+		for i := p.Start; i < p.Start+p.Size; i++ {
+			capacity["memorySlice"+strconv.Itoa(i)] = kube.DeviceCapacity{Value: "1"}
+		}
+	}
 	return kube.SliceDevice{Name: name, Attributes: a, Capacity: capacity}
 }
+
+// maxMemorySlices bounds the memorySlice capacities of a MIG device.
+const maxMemorySlices = 8
 
 // semver pads a version to the three parts a version attribute needs
 // ("12.4" → "12.4.0", "550.54.15" as is); "" stays "".

@@ -3,7 +3,7 @@ package dra_test
 import (
 	"context"
 	"fmt"
-	"os"
+	"net"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -82,7 +82,17 @@ func (r *rig) start() {
 	r.drv, r.cancel, r.done = drv, cancel, make(chan error, 1)
 	go func() { r.done <- drv.Run(ctx) }()
 	r.t.Cleanup(r.stop)
-	waitFor(r.t, "the DRA socket", func() bool { _, err := os.Stat(drv.DRASocket()); return err == nil })
+	// Both sockets accept: a socket file exists a moment before it
+	// listens, and the registration socket comes after the DRA one.
+	for _, socket := range []string{drv.DRASocket(), drv.RegistrationSocket()} {
+		waitFor(r.t, socket+" to accept", func() bool {
+			c, err := net.Dial("unix", socket)
+			if err == nil {
+				c.Close()
+			}
+			return err == nil
+		})
+	}
 }
 
 func (r *rig) stop() {

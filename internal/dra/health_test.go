@@ -109,9 +109,13 @@ func TestMIGDevices(t *testing.T) {
 	g := r.inv.GPUs[0]
 	m := g.MIGDevices[0]
 	d := s.Spec.Devices[0]
-	want := "gpu-" + itoa(int64(g.Minor)) + "-mig-" + strings.NewReplacer(".", "", "+", "-").Replace(m.Profile) + "-" + itoa(int64(m.GPUInstanceID)) + "-" + itoa(int64(m.ComputeInstanceID))
-	if d.Name != want {
-		t.Errorf("MIG device named %s, want %s", d.Name, want)
+	// NVIDIA's name: the 1g.5gb GPU instance's profile ID (19) and its
+	// placement (the driver puts the first of seven at memory slice 6).
+	if want := "gpu-" + itoa(int64(g.Minor)) + "-mig-19-6-1"; d.Name != want || m.Profile != "1g.5gb" {
+		t.Errorf("MIG device (%s) named %s, want %s", m.Profile, d.Name, want)
+	}
+	if d.Capacity["memorySlice6"].Value != "1" || len(d.Capacity) != 8 {
+		t.Errorf("capacity %v, want memory, SMs, five engine counts and memorySlice6", d.Capacity)
 	}
 	for name, v := range map[string]string{"type": "mig", "uuid": m.UUID, "parentUUID": g.UUID, "profile": m.Profile, "productName": g.Name, "architecture": "Ampere"} {
 		if got := attr(d, name); got != v {

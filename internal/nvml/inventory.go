@@ -75,6 +75,13 @@ type MIGDevice struct {
 	GPUInstanceID     int    `json:"gpuInstanceId"`
 	ComputeInstanceID int    `json:"computeInstanceId"`
 	MemoryBytes       uint64 `json:"memoryBytes"`
+	// GPUInstanceProfileID is the driver's ID of the GPU instance's
+	// profile, as `nvidia-smi mig -lgip` lists it (19 for an A100's
+	// 1g.5gb), not its NVML_GPU_INSTANCE_PROFILE_* index.
+	GPUInstanceProfileID int `json:"gpuInstanceProfileId"`
+	// Placement is where the GPU instance sits, in the GPU's memory
+	// slices; Size is 0 when NVML did not say.
+	Placement MIGPlacement `json:"placement"`
 	// CapDevicePaths are the GPU instance's and the compute instance's
 	// /dev/nvidia-caps/nvidia-cap<N> nodes (container paths), which a
 	// container needs besides the parent's /dev/nvidia<minor>; empty when
@@ -83,6 +90,13 @@ type MIGDevice struct {
 	// Attributes are the device's SMs, slices and engines; nil when NVML
 	// could not report them.
 	Attributes *MIGAttributes `json:"attributes,omitempty"`
+}
+
+// MIGPlacement is a GPU instance's first memory slice and how many it
+// spans (nvmlGpuInstancePlacement_t).
+type MIGPlacement struct {
+	Start int `json:"start"`
+	Size  int `json:"size"`
 }
 
 // Handle returns the NVML handle of a GPU or MIG device by UUID. Use it only

@@ -267,9 +267,17 @@ func TestInventoryMockMIG(t *testing.T) {
 	}
 	var migs []*mock.Device
 	gis := map[int]gonvml.GpuInstance{}
+	var placed []gonvml.GpuInstancePlacement
 	for _, profile := range []int{gonvml.GPU_INSTANCE_PROFILE_3_SLICE, gonvml.GPU_INSTANCE_PROFILE_1_SLICE} {
 		info, _ := dev.GetGpuInstanceProfileInfo(profile)
-		gi, _ := dev.CreateGpuInstance(&info)
+		// The last possible placement: 3g at 4, 1g at 6, clear of each other.
+		possible, _ := dev.GetGpuInstancePossiblePlacements(&info)
+		if len(possible) == 0 {
+			t.Fatalf("the mock has no placements for profile %d", profile)
+		}
+		placement := possible[len(possible)-1]
+		placed = append(placed, placement)
+		gi, _ := dev.CreateGpuInstanceWithPlacement(&info, &placement)
 		giInfo, _ := gi.GetInfo()
 		ciProfile, _ := gi.GetComputeInstanceProfileInfo(profile, gonvml.COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED)
 		ci, _ := gi.CreateComputeInstance(&ciProfile)
@@ -316,6 +324,17 @@ func TestInventoryMockMIG(t *testing.T) {
 	}
 	if g.MIGDevices[1].GPUInstanceID != 1 || g.MIGDevices[1].UUID != "MIG-test-1" {
 		t.Errorf("second MIG device: %+v", g.MIGDevices[1])
+	}
+	for i, m := range g.MIGDevices {
+		want := nvml.MIGPlacement{Start: int(placed[i].Start), Size: int(placed[i].Size)}
+		if m.Placement != want || want.Size == 0 {
+			t.Errorf("MIG device %d placement %+v, want the GPU instance's %+v", i, m.Placement, want)
+		}
+	}
+	// The mock's profile IDs equal their indices (the driver's do not; the
+	// fake library's tests check that side).
+	if g.MIGDevices[0].GPUInstanceProfileID != gonvml.GPU_INSTANCE_PROFILE_3_SLICE || g.MIGDevices[1].GPUInstanceProfileID != gonvml.GPU_INSTANCE_PROFILE_1_SLICE {
+		t.Errorf("GPU instance profile IDs %d, %d", g.MIGDevices[0].GPUInstanceProfileID, g.MIGDevices[1].GPUInstanceProfileID)
 	}
 }
 

@@ -199,6 +199,8 @@ func describeMIGDevice(l *Library, parent, mig gonvml.Device, parentMemory uint6
 	if err != nil {
 		return m, err
 	}
+	m.GPUInstanceProfileID = int(giInfo.ProfileId)
+	m.Placement = MIGPlacement{Start: int(giInfo.Placement.Start), Size: int(giInfo.Placement.Size)}
 	ci, err := Call(l, "nvmlGpuInstanceGetComputeInstanceById", func() (gonvml.ComputeInstance, gonvml.Return) {
 		return gi.GetComputeInstanceById(m.ComputeInstanceID)
 	})

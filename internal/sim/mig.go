@@ -83,6 +83,10 @@ func (n *Node) SetMIGLayout(gpu int, enabled bool, profiles []string) error {
 	if most := m.migSlices(); slices > most {
 		return fmt.Errorf("the MIG devices need %d compute slices; %s has %d", slices, m.key, most)
 	}
+	placements, err := m.placeMIG(profiles)
+	if err != nil {
+		return err
+	}
 
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -91,7 +95,7 @@ func (n *Node) SetMIGLayout(gpu int, enabled bool, profiles []string) error {
 	for k, name := range profiles {
 		id := known[name]
 		migs = append(migs, &simMIG{
-			profile: name, giProfile: id, giID: k + 1, ciID: 0,
+			profile: name, giProfile: id, giID: k + 1, ciID: 0, placement: placements[k],
 			uuid:      "MIG-" + stableUUID(n.spec.name, "mig", strconv.Itoa(gpu), strconv.Itoa(k), "layout", strconv.Itoa(gen)),
 			memoryMiB: m.config.MIGProfiles.GpuInstanceProfiles[id].MemorySizeMB,
 		})

@@ -82,6 +82,35 @@ func TestSetMIGLayout(t *testing.T) {
 	}
 }
 
+// TestMIGPlacements: GPU instances sit where the driver puts instances
+// created without a placement (highest free start first, NVML's placement
+// tables), and NVML reports the driver's profile IDs and those placements.
+func TestMIGPlacements(t *testing.T) {
+	n, lib := migNode(t)
+	if err := n.SetMIGLayout(5, true, []string{"4g.20gb", "3g.20gb"}); err != nil {
+		t.Fatal(err)
+	}
+	inv, err := nvml.Scan(lib, nvml.ScanOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	type placed struct{ id, start, size int }
+	for gpu, want := range map[int][]placed{
+		0: {{19, 6, 1}, {19, 5, 1}, {19, 4, 1}, {19, 3, 1}, {19, 2, 1}, {19, 1, 1}, {19, 0, 1}}, // 7 × 1g.5gb
+		1: {{9, 4, 4}, {14, 2, 2}, {19, 1, 1}, {19, 0, 1}},                                      // 3g.20gb, 2g.10gb, 2 × 1g.5gb
+		4: {{5, 0, 4}, {14, 4, 2}, {20, 6, 1}},                                                  // 4g.20gb, 2g.10gb, 1g.5gb+me
+		5: {{5, 0, 4}, {9, 4, 4}},                                                               // 4g can only start at 0
+	} {
+		var got []placed
+		for _, m := range inv.GPUs[gpu].MIGDevices {
+			got = append(got, placed{m.GPUInstanceProfileID, m.Placement.Start, m.Placement.Size})
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("GPU %d (%v): profile IDs and placements %v, want %v", gpu, profiles(inv.GPUs[gpu]), got, want)
+		}
+	}
+}
+
 func TestSetMIGLayoutErrors(t *testing.T) {
 	n, _ := migNode(t)
 	for _, tc := range []struct {
@@ -94,6 +123,8 @@ func TestSetMIGLayoutErrors(t *testing.T) {
 		{0, true, []string{"1g.7gb"}, `devices[0]: unknown MIG profile "1g.7gb"`},
 		{0, true, []string{"4g.20gb", "4g.20gb"}, "need 8 compute slices; A100-SXM4-40GB has 7"},
 		{0, false, []string{"1g.5gb"}, "set enabled to true"},
+		// 7 compute slices, but 9 of the 8 memory slices.
+		{0, true, []string{"1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.5gb"}, "do not fit A100-SXM4-40GB's memory slices"},
 	} {
 		if err := n.SetMIGLayout(tc.gpu, tc.enabled, tc.profiles); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("SetMIGLayout(%d, %t, %v) = %v, want an error with %q", tc.gpu, tc.enabled, tc.profiles, err, tc.want)

@@ -2,6 +2,7 @@ package sim
 
 import (
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 
@@ -146,4 +147,43 @@ func (m *model) fullComputeProfile(giProfile int) (gonvml.ComputeInstanceProfile
 		}
 	}
 	return gonvml.ComputeInstanceProfileInfo{}, false
+}
+
+// placeMIG places GPU instances of the named profiles, in order, as the
+// driver places instances created without a placement: each at the highest
+// free start its profile allows (go-nvml's placement tables), backtracking
+// when that leaves no room for a later one. It fails, naming the layout,
+// when they do not fit the GPU's memory slices.
+func (m *model) placeMIG(names []string) ([]gonvml.GpuInstancePlacement, error) {
+	known := m.migProfiles()
+	options := make([][]gonvml.GpuInstancePlacement, len(names))
+	for k, name := range names {
+		options[k] = slices.Clone(m.config.MIGProfiles.GpuInstancePlacements[known[name]])
+		slices.SortFunc(options[k], func(a, b gonvml.GpuInstancePlacement) int { return int(b.Start) - int(a.Start) })
+	}
+	out := make([]gonvml.GpuInstancePlacement, len(names))
+	var used uint64 // a bit per memory slice
+	var place func(k int) bool
+	place = func(k int) bool {
+		if k == len(names) {
+			return true
+		}
+		for _, p := range options[k] {
+			mask := (uint64(1)<<p.Size - 1) << p.Start
+			if p.Size == 0 || p.Start+p.Size > 64 || used&mask != 0 {
+				continue
+			}
+			used |= mask
+			out[k] = p
+			if place(k + 1) {
+				return true
+			}
+			used &^= mask
+		}
+		return false
+	}
+	if !place(0) {
+		return nil, fmt.Errorf("the MIG devices %s do not fit %s's memory slices together (NVML's placements)", strings.Join(names, ", "), m.key)
+	}
+	return out, nil
 }

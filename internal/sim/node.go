@@ -476,6 +476,7 @@ func (n *Node) newGpuInstance(g *simGPU, m *simMIG, parent gonvml.Device) *mock.
 	gi.GetInfoFunc = func() (gonvml.GpuInstanceInfo, gonvml.Return) {
 		return value(n, g.index, "GpuInstanceGetInfo", gonvml.GpuInstanceInfo{
 			Device: parent, Id: uint32(m.giID), ProfileId: cfg.MIGProfiles.GpuInstanceProfiles[m.giProfile].Id,
+			Placement: m.placement,
 		})
 	}
 	gi.GetComputeInstanceProfileInfoFunc = func(profile, engine int) (gonvml.ComputeInstanceProfileInfo, gonvml.Return) {

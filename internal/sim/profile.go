@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 
+	gonvml "github.com/NVIDIA/go-nvml/pkg/nvml"
 	"go.yaml.in/yaml/v3"
 
 	"github.com/gpu-plugin/gpu-plugin/internal/nvml"
@@ -92,6 +93,7 @@ type simMIG struct {
 	giProfile int
 	giID      int
 	ciID      int
+	placement gonvml.GpuInstancePlacement
 	uuid      string
 	memoryMiB uint64
 }
@@ -231,6 +233,10 @@ func (p *Profile) expand(file string, lines map[string]int) (*node, error) {
 		if most := m.migSlices(); slices > most {
 			return nil, fail(field+".migDevices", "the MIG devices need %d compute slices; %s has %d", slices, m.key, most)
 		}
+		placements, err := m.placeMIG(g.MIGDevices)
+		if err != nil {
+			return nil, fail(field+".migDevices", "%v", err)
+		}
 		for c := 0; c < count; c++ {
 			idx := len(n.gpus)
 			gpu := &simGPU{
@@ -265,7 +271,7 @@ func (p *Profile) expand(file string, lines map[string]int) (*node, error) {
 				id := profiles[name]
 				info := m.config.MIGProfiles.GpuInstanceProfiles[id]
 				gpu.migs = append(gpu.migs, &simMIG{
-					profile: name, giProfile: id, giID: k + 1, ciID: 0,
+					profile: name, giProfile: id, giID: k + 1, ciID: 0, placement: placements[k],
 					uuid:      "MIG-" + stableUUID(p.Name, "mig", strconv.Itoa(idx), strconv.Itoa(k)),
 					memoryMiB: info.MemorySizeMB,
 				})

@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -93,6 +95,20 @@ func TestRealNVMLDRA(t *testing.T) {
 	}
 	if dev == nil {
 		t.Fatalf("MIG device %s not in the slice: %s", mig.UUID, dumpJSON(s))
+	}
+	// NVIDIA's device name: the driver's profile ID of a 3g.20gb (9, not
+	// its index 2) and where the GPU instance sits (start 0 or 4, 4 memory
+	// slices), with a capacity for each of those slices.
+	if m := regexp.MustCompile(fmt.Sprintf(`^gpu-%d-mig-9-([04])-4$`, g.Minor)).FindStringSubmatch(dev.Name); m == nil {
+		t.Errorf("3g.20gb MIG device named %s, want gpu-%d-mig-9-<0 or 4>-4 as NVIDIA's driver names it", dev.Name, g.Minor)
+	} else {
+		start, _ := strconv.Atoi(m[1])
+		for i := range 8 {
+			q, held := dev.Capacity[resourcev1.QualifiedName(fmt.Sprintf("memorySlice%d", i))]
+			if want := i >= start && i < start+4; held != want || (held && q.Value.Value() != 1) {
+				t.Errorf("%s: memorySlice%d capacity %v (present %v), want present %v", dev.Name, i, q.Value, held, want)
+			}
+		}
 	}
 	str := func(name resourcev1.QualifiedName) string {
 		if a := dev.Attributes[name]; a.StringValue != nil {
