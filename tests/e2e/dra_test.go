@@ -21,6 +21,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"sort"
 	"strconv"
@@ -627,6 +628,7 @@ func (s *suite) draScenario(t *testing.T) {
 	t.Cleanup(objs.deleteAll)
 
 	s.draMode(t, hook, uuids, held, free)
+	s.draOwnNodeOnly(t)
 	shared := s.draClaims(t, objs, free)
 	s.draHealth(t, shared)
 	s.draRestart(t, objs, shared)
@@ -761,6 +763,67 @@ func (s *suite) draMode(t *testing.T, hook string, uuids []string, held map[stri
 	mem := d0.Capacity["memory"].Value
 	attrs, _ := json.Marshal(d0.Attributes)
 	t.Logf("slice %s: %s; e.g. %s: %s, memory %s", sl.Name, describeSlices([]resourcev1.ResourceSlice{*sl}), d0.Name, attrs, mem.String())
+}
+
+// draOwnNodeOnly: the chart's ValidatingAdmissionPolicy, on the real API
+// server, confines the plugin's ResourceSlice writes to its own node and
+// its own driver, although its ClusterRole allows them on every slice.
+// The plugin's writes are dry runs: admission runs, nothing is stored.
+func (s *suite) draOwnNodeOnly(t *testing.T) {
+	ctx := context.Background()
+	admin := s.n.client
+	c := s.pluginClient(t)
+	slice := func(name, driver, node string) *resourcev1.ResourceSlice {
+		return &resourcev1.ResourceSlice{
+			ObjectMeta: metav1.ObjectMeta{Name: name, Labels: draLabels},
+			Spec: resourcev1.ResourceSliceSpec{
+				Driver: driver, NodeName: &node,
+				Pool:    resourcev1.ResourcePool{Name: node, Generation: 1, ResourceSliceCount: 1},
+				Devices: []resourcev1.Device{{Name: "gpu-0"}},
+			},
+		}
+	}
+	// Another node's slice of our driver, as another node's daemon wrote
+	// it (the admin here: the policy matches only the plugin's account).
+	theirs, err := admin.ResourceV1().ResourceSlices().Create(ctx, slice("e2e-other-node-slice", draDriver, "e2e-other-node"), metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("creating another node's slice: %v", err)
+	}
+	defer func() {
+		if err := admin.ResourceV1().ResourceSlices().Delete(context.Background(), theirs.Name, metav1.DeleteOptions{}); err != nil {
+			t.Errorf("deleting another node's slice: %v", err)
+		}
+	}()
+	dry := []string{metav1.DryRunAll}
+	create := func(sl *resourcev1.ResourceSlice) func() error {
+		return func() error {
+			_, err := c.ResourceV1().ResourceSlices().Create(ctx, sl, metav1.CreateOptions{DryRun: dry})
+			return err
+		}
+	}
+	refused := "on the node its pod runs on (" + nodeName + ")"
+	checkAccess(t, []accessCheck{
+		{"create a slice of its driver for its own node", create(slice("e2e-own-node-slice", draDriver, nodeName)), true, ""},
+		{"create a slice for another node", create(slice("e2e-other-node-slice-2", draDriver, "e2e-other-node")), false, refused},
+		{"create a slice of another driver for its own node", create(slice("e2e-own-node-other-driver", "example.com", nodeName)), false, refused},
+		{"update another node's slice", func() error {
+			mine := theirs.DeepCopy()
+			mine.Spec.Devices = append(mine.Spec.Devices, resourcev1.Device{Name: "gpu-1"})
+			_, err := c.ResourceV1().ResourceSlices().Update(ctx, mine, metav1.UpdateOptions{DryRun: dry})
+			return err
+		}, false, refused},
+		// The policy checks an update's new object only: the API server's
+		// validation, which runs before it, keeps nodeName immutable.
+		{"move another node's slice to its own node", func() error {
+			mine := theirs.DeepCopy()
+			mine.Spec.NodeName = ptrTo(nodeName)
+			_, err := c.ResourceV1().ResourceSlices().Update(ctx, mine, metav1.UpdateOptions{DryRun: dry})
+			return err
+		}, false, "immutable"},
+		{"delete another node's slice", func() error {
+			return c.ResourceV1().ResourceSlices().Delete(ctx, theirs.Name, metav1.DeleteOptions{DryRun: dry})
+		}, false, refused},
+	})
 }
 
 // draPodsOfScenario are the pods of steps 2 to 4 that later steps look at.
@@ -1033,6 +1096,11 @@ func (s *suite) draMIG(t *testing.T, objs *draObjects, hook string) {
 		t.Fatalf("MIG claim %s: devices %v, want one %s MIG device of the slice (e.g. %s)", claim.Name, devs, draMIGProfile, migDev.Name)
 	}
 	parent, _ := attrInt(d, "parentIndex")
+	// NVIDIA's name: the driver's 3g.20gb profile ID (9), placement start
+	// 0 or 4, 4 memory slices.
+	if want := regexp.MustCompile(`^gpu-\d+-mig-9-[04]-4$`); !want.MatchString(d.Name) {
+		t.Errorf("MIG device %s: want a name like NVIDIA's, %s", d.Name, want)
+	}
 	nodes := s.checkPodDevices(t, pod.Name, claim, devs)
 	if want := fmt.Sprintf("/dev/nvidia%d", parent); !slices.Equal(nodes, []string{want}) {
 		t.Fatalf("MIG pod %s: GPU nodes %v, want its parent's %s only", pod.Name, nodes, want)

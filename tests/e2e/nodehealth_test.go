@@ -187,11 +187,11 @@ func (s *suite) xidStorm(t *testing.T) {
 	})
 }
 
-// ownNodeOnly uses the plugin's own service account, with a token bound to
-// the plugin pod as the kubelet mounts it: it may change its own node,
-// and nothing else, even where its ClusterRole alone would allow it.
-// Writes are dry runs: admission runs, nothing is stored.
-func (s *suite) ownNodeOnly(t *testing.T) {
+// pluginClient is a client with the plugin's own service account and a
+// token bound to the running plugin pod, as the kubelet mounts it (the API
+// server adds the pod's node to such a token).
+func (s *suite) pluginClient(t *testing.T) kubernetes.Interface {
+	t.Helper()
 	ctx := context.Background()
 	admin := s.n.client
 	pod, err := admin.CoreV1().Pods(releaseNS).Get(ctx, s.pluginPod.Name, metav1.GetOptions{})
@@ -207,10 +207,48 @@ func (s *suite) ownNodeOnly(t *testing.T) {
 	if err != nil {
 		t.Fatalf("a token for the plugin's service account: %v", err)
 	}
-	c := kubernetes.NewForConfigOrDie(&rest.Config{
+	return kubernetes.NewForConfigOrDie(&rest.Config{
 		Host: "https://127.0.0.1:" + apiPort, BearerToken: tok.Status.Token,
 		TLSClientConfig: rest.TLSClientConfig{Insecure: true},
 	})
+}
+
+// accessCheck is one request the plugin's service account makes, and
+// whether the API server must let it through.
+type accessCheck struct {
+	name    string
+	do      func() error
+	allowed bool
+	because string // in the refusal
+}
+
+// checkAccess runs the checks: an allowed one must succeed, a refused one
+// must come back Forbidden (or Invalid, as some admission answers) with
+// the expected reason in its message.
+func checkAccess(t *testing.T, checks []accessCheck) {
+	t.Helper()
+	for _, ch := range checks {
+		err := ch.do()
+		switch {
+		case ch.allowed && err != nil:
+			t.Errorf("%s: refused: %v", ch.name, err)
+		case !ch.allowed && !apierrors.IsForbidden(err) && !apierrors.IsInvalid(err):
+			t.Errorf("%s: want Forbidden, got %v", ch.name, err)
+		case !ch.allowed && !strings.Contains(err.Error(), ch.because):
+			t.Errorf("%s: refused, but not for the expected reason (%q): %v", ch.name, ch.because, err)
+		case !ch.allowed:
+			t.Logf("%s: refused: %v", ch.name, err)
+		}
+	}
+}
+
+// ownNodeOnly: with its own service account the plugin may change its own
+// node, and nothing else, even where its ClusterRole alone would allow it.
+// Writes are dry runs: admission runs, nothing is stored.
+func (s *suite) ownNodeOnly(t *testing.T) {
+	ctx := context.Background()
+	admin := s.n.client
+	c := s.pluginClient(t)
 	other := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "e2e-other-node"}}
 	if _, err := admin.CoreV1().Nodes().Create(ctx, other, metav1.CreateOptions{}); err != nil {
 		t.Fatalf("creating a second Node object: %v", err)
@@ -227,12 +265,7 @@ func (s *suite) ownNodeOnly(t *testing.T) {
 			Source: corev1.EventSource{Component: "gpu-plugin", Host: node},
 		}
 	}
-	checks := []struct {
-		name    string
-		do      func() error
-		allowed bool
-		because string // in the refusal
-	}{
+	checkAccess(t, []accessCheck{
 		{"patch its own node's status", func() error {
 			_, err := c.CoreV1().Nodes().Patch(ctx, nodeName, types.StrategicMergePatchType, statusPatch, dry, "status")
 			return err
@@ -268,20 +301,7 @@ func (s *suite) ownNodeOnly(t *testing.T) {
 		{"delete its own node", func() error {
 			return c.CoreV1().Nodes().Delete(ctx, nodeName, metav1.DeleteOptions{DryRun: []string{metav1.DryRunAll}})
 		}, false, "forbidden"},
-	}
-	for _, ch := range checks {
-		err := ch.do()
-		switch {
-		case ch.allowed && err != nil:
-			t.Errorf("%s: refused: %v", ch.name, err)
-		case !ch.allowed && !apierrors.IsForbidden(err) && !apierrors.IsInvalid(err):
-			t.Errorf("%s: want Forbidden, got %v", ch.name, err)
-		case !ch.allowed && !strings.Contains(err.Error(), ch.because):
-			t.Errorf("%s: refused, but not for the expected reason (%q): %v", ch.name, ch.because, err)
-		case !ch.allowed:
-			t.Logf("%s: refused: %v", ch.name, err)
-		}
-	}
+	})
 }
 
 func ptrTo[T any](v T) *T { return &v }
