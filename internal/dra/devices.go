@@ -42,6 +42,7 @@ func describe(inv *nvml.Inventory, units []string) []device {
 		offered[u] = true
 	}
 	var out []device
+	seen := map[string]bool{}
 	for i := range inv.GPUs {
 		g := &inv.GPUs[i]
 		if !g.Usable() {
@@ -57,6 +58,12 @@ func describe(inv *nvml.Inventory, units []string) []device {
 				continue
 			}
 			name := migDeviceName(g, m)
+			if seen[name] {
+				// Two GPU instances in one place: NVML is wrong, and a
+				// duplicate name would make the API refuse the whole slice.
+				name = migIDName(g, m)
+			}
+			seen[name] = true
 			out = append(out, device{name: name, uuid: m.UUID, units: []string{g.UUID, m.UUID}, slice: migDevice(inv, g, m, name), mig: true})
 		}
 	}
@@ -74,7 +81,7 @@ func describe(inv *nvml.Inventory, units []string) []device {
 // profile and the instance IDs name it.
 func migDeviceName(g *nvml.GPU, m *nvml.MIGDevice) string {
 	if m.Placement.Size == 0 {
-		return fmt.Sprintf("gpu-%d-mig-%s-%d-%d", g.Minor, profileName(m.Profile), m.GPUInstanceID, m.ComputeInstanceID)
+		return migIDName(g, m)
 	}
 	name := fmt.Sprintf("gpu-%d-mig-%d-%d-%d", g.Minor, m.GPUInstanceProfileID, m.Placement.Start, m.Placement.Size)
 	shared := m.Attributes != nil && m.Attributes.CISlices < m.Attributes.GISlices
@@ -86,6 +93,12 @@ func migDeviceName(g *nvml.GPU, m *nvml.MIGDevice) string {
 		name += fmt.Sprintf("-ci%d", m.ComputeInstanceID)
 	}
 	return name
+}
+
+// migIDName names a MIG device by its profile and GPU- and
+// compute-instance IDs, unique on a GPU whatever NVML says of placements.
+func migIDName(g *nvml.GPU, m *nvml.MIGDevice) string {
+	return fmt.Sprintf("gpu-%d-mig-%s-%d-%d", g.Minor, profileName(m.Profile), m.GPUInstanceID, m.ComputeInstanceID)
 }
 
 // profileName makes a MIG profile ("1g.10gb+me") part of a device name

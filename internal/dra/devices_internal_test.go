@@ -38,6 +38,24 @@ func TestMIGDeviceName(t *testing.T) {
 	}
 }
 
+// Two GPU instances that NVML places in the same slices still get names of
+// their own: one duplicate would make the API refuse the whole slice.
+func TestMIGDeviceNamesUnique(t *testing.T) {
+	same := nvml.MIGPlacement{Start: 0, Size: 1}
+	g := nvml.GPU{Minor: 2, UUID: "GPU-a", MIGEnabled: true, MIGDevices: []nvml.MIGDevice{
+		{UUID: "MIG-a", Profile: "1g.5gb", GPUInstanceID: 7, GPUInstanceProfileID: 19, Placement: same},
+		{UUID: "MIG-b", Profile: "1g.5gb", GPUInstanceID: 8, GPUInstanceProfileID: 19, Placement: same},
+	}}
+	devs := describe(&nvml.Inventory{GPUs: []nvml.GPU{g}}, []string{"MIG-a", "MIG-b"})
+	if len(devs) != 2 || devs[0].name != "gpu-2-mig-19-0-1" || devs[1].name != "gpu-2-mig-1g5gb-8-0" {
+		var names []string
+		for _, d := range devs {
+			names = append(names, d.name)
+		}
+		t.Errorf("names %v, want gpu-2-mig-19-0-1 and gpu-2-mig-1g5gb-8-0", names)
+	}
+}
+
 // A placement that no MIG GPU has adds no memory-slice capacities, which
 // would otherwise grow with a number NVML chose.
 func TestMIGMemorySlicesBounded(t *testing.T) {
